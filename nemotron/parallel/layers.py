@@ -1,0 +1,97 @@
+"""Tensor-parallel building blocks (Megatron's column/row split), written on torch.distributed.
+
+Shapes are given per rank: `tp` is the tensor-parallel size, `/tp` marks a dimension split across ranks.
+With no process group (single rank) every collective is a no-op, so the same modules run on a laptop.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def all_reduce(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """[..., n/tp] on each rank -> [..., n] on every rank."""
+    if group is None:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               zero_centered_gamma: bool) -> torch.Tensor:
+    """LayerNorm1p when zero_centered_gamma: checkpoints store gamma - 1, so the runtime adds the 1."""
+    gamma = weight + 1 if zero_centered_gamma else weight
+    return F.layer_norm(x, (x.shape[-1],), gamma, bias, eps)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y[..., out/tp] = x[..., in] @ W[out/tp, in]^T, optionally after a fused LayerNorm (TE's LayerNormLinear).
+
+    Fused-norm parameters are named `layer_norm_weight` / `layer_norm_bias` as in MCore's TE spec, so
+    checkpoints map 1:1.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp_size: int, *, layer_norm: bool = False,
+                 eps: float = 1e-5, zero_centered_gamma: bool = True, dtype=None, device=None):
+        super().__init__()
+        if out_features % tp_size:
+            raise ValueError(f"output size {out_features} is not divisible by tensor parallel size {tp_size}")
+        self.weight = nn.Parameter(torch.empty(out_features // tp_size, in_features, dtype=dtype, device=device))
+        self.eps, self.zero_centered_gamma = eps, zero_centered_gamma
+        if layer_norm:
+            self.layer_norm_weight = nn.Parameter(torch.zeros(in_features, dtype=dtype, device=device))
+            self.layer_norm_bias = nn.Parameter(torch.zeros(in_features, dtype=dtype, device=device))
+        else:
+            self.layer_norm_weight = self.layer_norm_bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_norm_weight is not None:
+            x = layer_norm(x, self.layer_norm_weight, self.layer_norm_bias, self.eps, self.zero_centered_gamma)
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y[..., out] = sum over ranks of x[..., in/tp] @ W[out, in/tp]^T: one all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, tp_size: int,
+                 group: Optional[dist.ProcessGroup] = None, dtype=None, device=None):
+        super().__init__()
+        if in_features % tp_size:
+            raise ValueError(f"input size {in_features} is not divisible by tensor parallel size {tp_size}")
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp_size, dtype=dtype, device=device))
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(F.linear(x, self.weight), self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds vocab rows [tp_rank*V/tp, (tp_rank+1)*V/tp); ids outside give zeros, an all-reduce sums."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp_size: int, tp_rank: int,
+                 group: Optional[dist.ProcessGroup] = None, dtype=None, device=None):
+        super().__init__()
+        if vocab_size % tp_size:
+            raise ValueError(f"vocab size {vocab_size} is not divisible by tensor parallel size {tp_size}")
+        rows = vocab_size // tp_size
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size, dtype=dtype, device=device))
+        self.start, self.end, self.group = tp_rank * rows, (tp_rank + 1) * rows, group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.end)
+        local = torch.where(outside, 0, ids - self.start)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        return all_reduce(out, self.group)
