@@ -1,0 +1,65 @@
+"""Turning last-position logits into tokens, with NeMo's order of operations (text_generation_utils.py).
+
+All functions work on a batch: logits [B, V] float32 over the padded vocabulary, one row per slot.
+"""
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def mask_logits(logits: torch.Tensor, vocab_size: int, eos_id: int, suppress_eos: torch.Tensor) -> torch.Tensor:
+    """Padded vocab entries never win; EOS is suppressed for rows still under min_tokens_to_generate."""
+    logits[:, vocab_size:] = NEG_INF
+    logits[:, eos_id] = torch.where(suppress_eos, NEG_INF, logits[:, eos_id])
+    return logits
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """The standard (CTRL / HF) form: a seen token's positive logit is divided, a negative one multiplied.
+
+    seen [B, V] bool (every token of the row so far, prompt included); penalty [B] (1.0 = off).
+    NeMo divided negative logits too (making them *more* likely, issue #8194) and only applied the penalty when
+    compute_logprob was set; its server dropped the value altogether.
+    """
+    p = penalty.view(-1, 1)
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k first, then nucleus keeping the token that crosses top_p (the most likely is always kept).
+
+    top_k [B] int (0 = off); top_p [B] float (0 or 1 = off), per row.
+    """
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device).view(1, -1)
+    k = top_k.view(-1, 1)
+    remove = (k > 0) & (rank >= k)
+    sorted_logits = sorted_logits.masked_fill(remove, NEG_INF)
+    p = top_p.view(-1, 1)
+    nucleus_on = (p > 0) & (p < 1)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    over = cumulative > p
+    over = torch.cat([torch.zeros_like(over[:, :1]), over[:, :-1]], dim=-1)  # keep the crossing token
+    sorted_logits = sorted_logits.masked_fill(nucleus_on & over, NEG_INF)
+    return torch.full_like(logits, NEG_INF).scatter(-1, sorted_idx, sorted_logits)
+
+
+def sample(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+           top_p: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] (already masked and penalised) -> tokens [B].
+
+    Greedy rows take the argmax; the others sample from softmax(filter(logits / temperature)).
+    """
+    greedy_tokens = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        return greedy_tokens
+    scaled = logits / temperature.view(-1, 1)
+    filtered = top_k_top_p_filter(scaled, top_k, top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    # Greedy rows still need a valid distribution for multinomial; their draw is discarded.
+    probs = torch.where(greedy.view(-1, 1), torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
+    drawn = torch.multinomial(probs, 1).view(-1)
+    return torch.where(greedy, greedy_tokens, drawn)
