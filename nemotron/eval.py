@@ -1,0 +1,157 @@
+"""`python -m nemotron.eval`: NeMo's megatron_gpt_eval.py command line (Hydra, same keys), on our engine.
+
+Every rank loads its shard of the model. Rank 0 completes `prompts` and prints the responses between NeMo's star
+lines; with `server=True` it then serves `PUT /generate` while every other rank follows its commands.
+
+    python -m nemotron.eval                                   # the embedded demo model, on CPU or one GPU
+    python -m nemotron.eval gpt_model_file=/model server=True port=1424 trainer.precision=bf16 \\
+        tensor_model_parallel_size=8 pipeline_model_parallel_size=2 trainer.devices=8 trainer.num_nodes=2
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("nemotron")
+
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+STARS = "***************************"
+
+
+class UsageError(ValueError):
+    """A configuration the CLI refuses; printed as one line."""
+
+
+def check_supported(cfg: DictConfig) -> None:
+    """Keys NeMo has that we accept but do not implement fail loudly instead of being ignored."""
+    if cfg.get("checkpoint_dir") or cfg.get("checkpoint_name") or cfg.get("hparams_file"):
+        raise UsageError("checkpoint_dir/checkpoint_name/hparams_file (PTL training checkpoints) are not supported; "
+                         "pass gpt_model_file=<.nemo file, NeMo directory or Hugging Face directory>")
+    if cfg.get("web_server"):
+        raise UsageError("web_server=True (NeMo's Gradio UI) is not implemented; use server=True and PUT /generate")
+    if cfg.get("chat"):
+        raise UsageError("chat=True (NeMo's Gradio chat UI) is not implemented")
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    if accel not in ("auto", "gpu", "cuda", "cpu"):
+        raise UsageError(f"unsupported trainer.accelerator: {accel!r} (use auto, gpu or cpu)")
+
+
+def load_prompts(cfg: DictConfig) -> list:
+    prompts = list(cfg.get("prompts") or [])
+    path = cfg.get("prompts_jsonl")
+    if path:
+        try:
+            with open(path) as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                    prompts.append(item["prompt"] if isinstance(item, dict) else item)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"prompts_jsonl {path}: cannot read prompts ({type(exc).__name__}: {exc})") from None
+    return prompts
+
+
+def run(cfg: DictConfig) -> int:
+    import torch
+
+    from nemotron.checkpoint.loader import load_model
+    from nemotron.config import dtype_from_precision
+    from nemotron.engine.engine import Engine
+    from nemotron.engine.lockstep import Coordinator, follow
+    from nemotron.engine.request import request_from_inference_config
+    from nemotron.parallel.runtime import init_runtime
+
+    check_supported(cfg)
+    tp = max(1, int(cfg.tensor_model_parallel_size))
+    pp = max(1, int(cfg.pipeline_model_parallel_size))
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    if accel in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UsageError(f"trainer.accelerator={accel} but no CUDA device is available (use trainer.accelerator=cpu)")
+    dtype = dtype_from_precision(cfg.trainer.precision)
+    runtime = init_runtime(tp, pp, int(cfg.trainer.devices), int(cfg.trainer.num_nodes), cpu=accel == "cpu")
+    ps = runtime.ps
+    if ps.rank == 0 and int(cfg.get("pipeline_model_parallel_split_rank", -1)) >= 0:
+        log.info("pipeline_model_parallel_split_rank=%s has no effect on decoder-only models",
+                 cfg.pipeline_model_parallel_split_rank)
+
+    path = cfg.gpt_model_file or DEMO_MODEL
+    if not cfg.gpt_model_file and ps.rank == 0:
+        log.info("gpt_model_file not set: using the embedded demo model (%s)", path)
+    started = time.perf_counter()
+    loaded = load_model(path, ps, dtype=dtype, device=ps.device,
+                        progress=ps.rank == 0 and bool(cfg.trainer.get("enable_progress_bar", True)))
+    if ps.rank == 0:
+        log.info("loaded %s (%s, %s) on %d rank(s) in %.1f s", path, loaded.format, str(dtype).replace("torch.", ""),
+                 ps.world_size, time.perf_counter() - started)
+    engine = Engine(loaded.model, loaded.tokenizer, max_slots=int(cfg.inference.get("max_batch_size", 128)))
+    runtime.start_heartbeats()
+    runtime.barrier()  # every rank has its shard: only now may rank 0 report healthy
+
+    if ps.rank != 0:
+        follow(engine, runtime.control)
+        runtime.close()
+        return 0
+
+    coordinator = Coordinator(engine, runtime.control)
+    try:
+        prompts = load_prompts(cfg)
+        if prompts:
+            inference = {k: v for k, v in OmegaConf.to_container(cfg.inference).items() if k != "max_batch_size"}
+            request = request_from_inference_config(inference, prompts)
+            response = coordinator.generate(request)
+            print(STARS)
+            print(response)
+            print(STARS, flush=True)
+            if cfg.get("results_file"):
+                with open(cfg.results_file, "w") as f:
+                    json.dump([response], f, indent=1)
+        elif not cfg.server:
+            raise UsageError("Expected at least one prompt (set prompts=[...] or prompts_jsonl=...)")
+        if cfg.server:
+            from nemotron.server import serve
+            serve(coordinator, host=str(cfg.get("host", "0.0.0.0")), port=int(cfg.port),
+                  threads=int(cfg.get("server_threads", 8)),
+                  api_key=cfg.get("server_api_key") or os.environ.get("NEMOTRON_API_KEY") or None,
+                  max_body_bytes=int(cfg.get("max_body_bytes", 1 << 20)),
+                  log_prompts=bool(cfg.get("log_prompts", False)), model_name=os.path.basename(path.rstrip("/")))
+    finally:
+        coordinator.shutdown()
+        runtime.close()
+    return 0
+
+
+def _expected_errors():
+    from nemotron.checkpoint.shards import CheckpointError
+    from nemotron.config import ConfigError
+    from nemotron.engine.lockstep import GenerationError
+    from nemotron.engine.request import RequestError
+    from nemotron.parallel.state import ParallelConfigError
+    from nemotron.tokenizer import TokenizerError
+    return (UsageError, CheckpointError, ConfigError, GenerationError, RequestError, ParallelConfigError,
+            TokenizerError, OSError)
+
+
+@hydra.main(config_path="configs", config_name="megatron_gpt_inference", version_base=None)
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="[nemotron %(asctime)s] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    try:
+        code = run(cfg)
+    except _expected_errors() as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        code = 2
+    sys.stdout.flush()
+    # Worker threads (heartbeats, waitress) must not keep a finished process alive.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

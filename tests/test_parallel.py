@@ -1,0 +1,66 @@
+"""Tensor and pipeline parallelism with real processes (torchrun, gloo): every layout equals TP1."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FIXTURES
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_layout(tmp_path, tp, pp, source="reference"):
+    out = str(tmp_path / f"tp{tp}pp{pp}-{os.path.basename(source)}.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp * pp}",
+           f"--master-port={free_port()}", os.path.join(HERE, "parallel_worker.py"), str(tp), str(pp), source, out]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # kill torchrun *and* its workers
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    with open(out) as f:
+        result = json.load(f)
+    result["logits"] = torch.load(out + ".logits.pt")
+    return result
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    return run_layout(tmp_path_factory.mktemp("tp1"), 1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_layout_matches_tp1(tmp_path, baseline, tp, pp):
+    got = run_layout(tmp_path, tp, pp)
+    rel = (got["logits"] - baseline["logits"]).abs().max() / baseline["logits"].abs().max()
+    assert rel <= 1e-5, f"logits differ from TP1 by {rel:.2e}"
+    assert got["greedy"] == baseline["greedy"]
+    assert got["sampled"] == baseline["sampled"]
+    torch.testing.assert_close(torch.tensor(got["sampled_logprob"]), torch.tensor(baseline["sampled_logprob"]),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,ckpt", [(1, 2, "tiny_tp2_torch_dist"), (2, 1, "tiny_tp1_torch_dist")])
+def test_checkpoint_written_at_one_tp_loads_at_another(tmp_path, baseline, tp, pp, ckpt):
+    got = run_layout(tmp_path, tp, pp, os.path.join(FIXTURES, ckpt))
+    rel = (got["logits"] - baseline["logits"]).abs().max() / baseline["logits"].abs().max()
+    assert rel <= 1e-5
+    assert got["greedy"] == baseline["greedy"]
