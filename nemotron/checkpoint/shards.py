@@ -104,3 +104,17 @@ def copy_into(param: torch.Tensor, value: torch.Tensor, spec: ShardSpec, source:
     if not torch.isfinite(value.float()).all():
         raise CheckpointError(f"{source}: tensor {spec.name} holds NaN or infinite values")
     param.copy_(value)
+
+
+@torch.no_grad()
+def load_full_state(model, state: Dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Fill this rank's shard from full (unsharded) MCore-named tensors, e.g. a reference or seeded weights."""
+    params = dict(model.named_parameters())
+    for local, spec in shard_specs(model).items():
+        if spec.name not in state:
+            raise CheckpointError(f"{source}: tensor {spec.name} is missing")
+        full = state[spec.name]
+        if tuple(full.shape) != spec.global_shape:
+            raise CheckpointError(f"{source}: tensor {spec.name} has shape {tuple(full.shape)}, "
+                                  f"expected {spec.global_shape}")
+        copy_into(params[local], full[spec.slices()], spec, source)
