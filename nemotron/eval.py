@@ -138,10 +138,23 @@ def _expected_errors():
             TokenizerError, OSError)
 
 
+def _quiet_dependencies() -> None:
+    """Our log lines at INFO; megatron-core's and torch's chatter (and their warnings) only at WARNING."""
+    import warnings
+    for module in ("megatron", "torch", "lightning_fabric", "pytorch_lightning", "transformer_engine"):
+        warnings.filterwarnings("ignore", module=module)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|TypedStorage).*")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[nemotron %(asctime)s] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    logging.getLogger().setLevel(logging.WARNING)
+
+
 @hydra.main(config_path="configs", config_name="megatron_gpt_inference", version_base=None)
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="[nemotron %(asctime)s] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    _quiet_dependencies()
     try:
         code = run(cfg)
     except _expected_errors() as exc:
