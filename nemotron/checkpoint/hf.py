@@ -256,6 +256,8 @@ def save_hf_dir(dst: str, full_mcore_state: Dict[str, torch.Tensor], cfg: ModelC
     if dtype not in _DTYPE_NAMES:
         raise CheckpointError(f"cannot write dtype {dtype} to a Hugging Face checkpoint")
     tok = Tokenizer(tokenizer_path)
+    hf_cfg = to_hf_config(cfg, bos_id=tok.bos_id if tok.bos_id >= 0 else None,
+                          eos_id=tok.eos_id, dtype=_DTYPE_NAMES[dtype])  # refuses what HF cannot express
     os.makedirs(dst, exist_ok=True)
     groups = _shards(sorted(tensors, key=_hf_order), tensors, max_shard_bytes)
     meta = {"format": "pt"}
@@ -271,7 +273,6 @@ def save_hf_dir(dst: str, full_mcore_state: Dict[str, torch.Tensor], cfg: ModelC
                 total += tensors[k].numel() * tensors[k].element_size()
         with open(os.path.join(dst, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    hf_cfg = to_hf_config(cfg, bos_id=tok.bos_id, eos_id=tok.eos_id, dtype=_DTYPE_NAMES[dtype])
     with open(os.path.join(dst, CONFIG), "w") as f:
         json.dump(hf_cfg, f, indent=2)
     shutil.copyfile(tokenizer_path, os.path.join(dst, TOKENIZER))
