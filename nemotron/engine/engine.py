@@ -11,6 +11,8 @@ the last pipeline stage's first TP rank samples and broadcasts each step's token
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -24,6 +26,8 @@ from nemotron.model import Batch, KVCache, NemotronModel
 from nemotron.tokenizer import Tokenizer, offsets_of
 
 ENDOFTEXT = "<|endoftext|>"
+
+log = logging.getLogger("nemotron")
 
 
 @dataclass
@@ -56,12 +60,24 @@ class StopRule:
 
 
 class Engine:
-    def __init__(self, model: NemotronModel, tokenizer: Tokenizer, max_slots: int = 128):
+    def __init__(self, model: NemotronModel, tokenizer: Tokenizer, max_slots: int = 128,
+                 cuda_graphs: Optional[bool] = None):
+        """cuda_graphs: decode through captured CUDA graphs (nemotron.engine.graphs). None means on when the
+        model is on CUDA with one pipeline stage, unless NEMOTRON_CUDA_GRAPHS=0; elsewhere decode is eager."""
         self.model, self.tokenizer, self.ps = model, tokenizer, model.ps
         self.cfg = model.cfg
         self.max_slots = max_slots
         self.device = next(model.parameters()).device
         self.cache: Optional[KVCache] = None
+        self.graphs = None
+        want = cuda_graphs if cuda_graphs is not None else os.environ.get("NEMOTRON_CUDA_GRAPHS", "1") != "0"
+        if want and self.device.type == "cuda":
+            from nemotron.engine.graphs import DecodeGraphs
+            ok, why = DecodeGraphs.supported(model)
+            if ok:
+                self.graphs = DecodeGraphs(model)
+            else:
+                log.info("CUDA-graph decode off: %s", why)
 
     # --- request preparation (rank 0 runs this before anything is broadcast) ---------------------------------
 
@@ -85,6 +101,8 @@ class Engine:
 
     def _ensure_cache(self, slots: int, max_seq: int) -> KVCache:
         c = self.cache
+        if self.graphs is not None:  # a batch replays in its bucket's graph; padding rows use spare slots
+            slots = self.graphs.slots_for(slots)
         if c is None or c.num_slots < slots or c.max_seq < max_seq:
             self.cache = None  # free the old one first
             slots = max(slots, c.num_slots if c else 0)
@@ -142,6 +160,7 @@ class Engine:
         done = [False] * B
         step_out = torch.empty(2, B, dtype=torch.long, device=dev)  # [new tokens; done flags]
 
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
         for step in range(steps_max):
             if sampler:
                 logits = last_logits
@@ -151,8 +170,13 @@ class Engine:
                 logits = mask_logits(logits, tok.vocab_size, tok.eos_id, suppress)
                 if req.repetition_penalty != 1.0:
                     logits = apply_repetition_penalty(logits, seen, penalty)
-                new = sample(logits, greedy, temperature, top_k, top_p).clamp_(max=tok.vocab_size - 1)
-                new = torch.where(torch.tensor(done, device=dev), tok.eos_id, new)
+                if req.greedy:  # what `sample` returns when every row is greedy, without its host sync
+                    new = logits.argmax(dim=-1)
+                else:
+                    new = sample(logits, greedy, temperature, top_k, top_p)
+                new = new.clamp_(max=tok.vocab_size - 1)
+                if any(done):
+                    new = torch.where(torch.tensor(done, device=dev), tok.eos_id, new)
                 step_out[0] = new
                 if req.compute_logprob:
                     picked = raw_lp.gather(1, new.view(-1, 1)).view(-1).tolist()
@@ -160,24 +184,35 @@ class Engine:
                         logprobs[b].append(picked[b])
                         if req.all_probs:
                             full_logprobs[b].append(raw_lp[b:b + 1].cpu())
+                new_list = new.tolist()  # the step's one device-to-host sync
                 flags = []
                 for b in range(B):
-                    t = int(new[b])
-                    flags.append(done[b] or stop.stops(tok, rows[b] + [t], t))
-                step_out[1] = torch.tensor(flags, device=dev)
-            broadcast_from(step_out, ps.last_stage_leader)
-            new_tokens = step_out[0].tolist()
+                    t = new_list[b]
+                    flags.append(done[b] or t in stop.ids
+                                 or (bool(stop.texts) and stop.stops(tok, rows[b] + [t], t)))
+                if distributed:
+                    step_out[1] = torch.tensor(flags, device=dev)
+            if distributed:
+                broadcast_from(step_out, ps.last_stage_leader)
+                new_tokens, flags = step_out.tolist()
+            else:
+                new_tokens = new_list
             for b in range(B):
                 rows[b].append(new_tokens[b])
-            done = [bool(x) for x in step_out[1].tolist()]
+            done = [bool(x) for x in flags]
             if sampler and req.repetition_penalty != 1.0:
                 seen[torch.arange(B, device=dev), step_out[0]] = True
             if all(done) or step == steps_max - 1:
                 break
             # Decode: feed every row its newest token at its own position.
-            positions = torch.tensor([[len(r) - 1] for r in rows], device=dev)
-            batch = Batch(positions, slice(0, B), kv_len=int(positions.max()) + 1, from_start=False)
-            logits = forward_logits(self.model, step_out[0].view(B, 1), batch, cache, positions="last")
+            pos_list = [len(r) - 1 for r in rows]
+            kv_len = max(pos_list) + 1
+            if self.graphs is not None and self.graphs.handles(B):
+                logits = self.graphs.run(step_out[0], pos_list, kv_len, cache)
+            else:
+                positions = torch.tensor([[p] for p in pos_list], device=dev)
+                batch = Batch(positions, slice(0, B), kv_len=kv_len, from_start=False)
+                logits = forward_logits(self.model, step_out[0].view(B, 1), batch, cache, positions="last")
             if sampler:
                 last_logits = logits
 
