@@ -96,7 +96,10 @@ class Coordinator:
                 return
             self._closed.set()
             if self.distributed:
-                self.control.send(SHUTDOWN)
+                try:
+                    self.control.send(SHUTDOWN)
+                except Exception as exc:  # a follower already gone (e.g. scancel signalled every task)
+                    log.warning("could not tell every rank to shut down: %s", str(exc).splitlines()[0][:200])
 
     def _heartbeat(self, interval: float) -> None:
         while not self._closed.wait(interval):

@@ -129,12 +129,9 @@ class Runtime:
             dist.barrier(group=self.control)
 
     def close(self) -> None:
+        """Stop heartbeats. Process groups are left to process exit: destroying an NCCL group while a peer is
+        already exiting can block forever (seen on H100s), and the CLI ends with os._exit anyway."""
         self._stop.set()
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a peer may already be gone
-                pass
 
 
 def _die(message: str) -> None:
