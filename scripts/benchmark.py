@@ -329,6 +329,10 @@ def check_kernels(ctx: Ctx, model: NemotronModel):
     graphs_mod.FORCE_TORCH = False
     for name, i in (("rope_q", 0), ("cache_k", 1), ("cache_v", 2), ("residual_add", 3), ("relu2", 5)):
         out[name + "_equal"] = bool(torch.equal(res[0][i], res[1][i]))
+        if not out[name + "_equal"]:
+            d = (res[0][i].float() - res[1][i].float()).abs()
+            out[name + "_max_abs_diff"] = float(d.max())
+            out[name + "_frac_differing"] = float((d > 0).float().mean())
     diff = (res[0][4].float() - res[1][4].float()).abs()
     out["layernorm_max_abs_diff"] = float(diff.max())
     out["layernorm_frac_differing"] = float((diff > 0).float().mean())
@@ -644,17 +648,61 @@ def decode_suite(ctx: Ctx, model, cache):
     def tokens():
         toks, _ = greedy(stepper.graph, model, cache, prompts1, 32)
         ctx.result["tokens_graph_batch1"] = toks.tolist()
-        toks_e, _ = greedy(stepper.eager, model, cache, prompts1, 32)
+        toks_e, lg_e = greedy(stepper.eager, model, cache, prompts1, 32)
         ctx.result["tokens_eager_matching_graph"] = int((toks == toks_e).sum())
+        # eager's own greedy tokens teacher-forced through the graph step: top-1 agreement without cascades
+        tf, lg_g = greedy(stepper.graph, model, cache, prompts1, 32, forced=toks_e)
+        rel = ((lg_g - lg_e).abs().amax(-1) / lg_e.abs().amax(-1)).flatten()
+        ctx.result["eager_tokens_teacher_forced_through_graph"] = {
+            "top1_matching": int((tf == toks_e).sum()), "of": int(toks_e.numel()),
+            "logits_rel_diff_max": float(rel.max()), "logits_rel_diff_median": float(rel.median())}
         ctx.log("greedy tokens (graph, batch 1):", toks.tolist()[0][:16], "... eager matching:",
-                ctx.result["tokens_eager_matching_graph"], "/ 32")
+                ctx.result["tokens_eager_matching_graph"], "/ 32; teacher-forced:",
+                ctx.result["eager_tokens_teacher_forced_through_graph"])
     guarded(ctx, "tokens", tokens)
     decode_bench(ctx, model, stepper, None, a.batches, a.prompt, a.steps, variants=("graph", "eager"))
+    if a.profile:
+        guarded(ctx, "profile", profile_stage, ctx, model, stepper, a.profile)
     if a.slope_layers:
         guarded(ctx, "slope", slope_stage, ctx, model, cache, stepper)
     guarded(ctx, "allreduce", allreduce_latency, ctx, cfg.hidden_size)
     if a.extrapolate:
         extrapolate(ctx)
+    ctx.save()
+
+
+@torch.inference_mode()
+def profile_stage(ctx: Ctx, model, stepper, batches, steps: int = 5):
+    """GPU time per kernel of the fused decode step (run without the graph: same kernels), per step."""
+    if not ctx.cuda:
+        return
+    from torch.profiler import ProfilerActivity, profile
+    cfg, res = model.cfg, {}
+    for b in batches:
+        prompts = torch.randint(10, cfg.padded_vocab_size, (b, ctx.args.prompt),
+                                generator=torch.Generator().manual_seed(11)).to(ctx.dev)
+        P = prompts.shape[1]
+        tok = prefill(model, stepper.cache, prompts).argmax(-1)
+        pos = torch.full((b,), P, dtype=torch.long, device=ctx.dev)
+
+        def run():
+            for _ in range(steps):
+                stepper.fused_step(tok, pos, P + 1)
+        run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        evs = [e for e in prof.key_averages() if getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) > 0]
+        total = sum(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) for e in evs) / 1e3 / steps
+        rows = sorted(({"kernel": e.key[:90], "calls_per_step": e.count / steps,
+                        "ms_per_step": getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3 / steps}
+                       for e in evs), key=lambda r: -r["ms_per_step"])
+        res[str(b)] = {"kernel_ms_per_step": total, "top": rows[:14]}
+        ctx.log(f"profile batch {b}: GPU kernel time {total:.3f} ms/step (kv {P + 1})")
+        for r in rows[:14]:
+            ctx.log(f"   {r['ms_per_step']:8.4f} ms  x{r['calls_per_step']:5.0f}  {r['kernel']}")
+    ctx.result["profile"] = res
     ctx.save()
 
 
@@ -806,6 +854,7 @@ def main():
                     help="torch.compile mode for the batch-1 compiled variant ('off' to skip); runs last, if the "
                          "budget leaves --compile-min-s")
     ap.add_argument("--compile-min-s", type=float, default=200)
+    ap.add_argument("--profile", default="", help="decode suite: per-kernel GPU time of the step at these batches")
     ap.add_argument("--slope-layers", type=int, default=0, help="also time the first K layers: per-layer cost")
     ap.add_argument("--extrapolate", action="store_true", help="340B on TP8xPP2 from this run's per-layer cost")
     ap.add_argument("--reserve-gb", type=float, default=8.0, help="--layers auto: GPU memory left for the rest")
@@ -814,6 +863,7 @@ def main():
     ap.add_argument("--plot", default=None, help="PNG: tok/s vs batch")
     args = ap.parse_args()
     args.batches = [int(x) for x in args.batches.split(",") if x]
+    args.profile = [int(x) for x in args.profile.split(",") if x]
 
     ps, dev = setup(args)
     cfg = TINY if args.preset == "tiny" else PRESETS[args.preset]

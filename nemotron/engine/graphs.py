@@ -99,7 +99,8 @@ if triton is not None:
                            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         """One (row, query group): rotate its HPG query heads and its key head (rotate-half on the first R
         channels, with eager's bf16 rounding after each op), write q to Q [n, ng, HPG, HN] and k, v into the
-        cache at [row, group, position]."""
+        cache at [row, group, position]. Launched with enable_fp_fusion=False: otherwise the compiler turns
+        round(x*cos) + t2 into one bf16 FMA (one rounding instead of eager's two; seen on H100)."""
         b = tl.program_id(0).to(tl.int64)
         grp = tl.program_id(1).to(tl.int64)
         ng = tl.num_programs(1)
@@ -182,7 +183,7 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
     _rope_cache_kernel[(n, ng)](qkv, cos, sin, positions, q, cache_k, cache_v, qkv.stride(0),
                                 cache_k.stride(0), cache_k.stride(1), HPG=hpg, HN=hn, R=r,
                                 BLOCK_H=triton.next_power_of_2(hpg + 2), BLOCK_D=triton.next_power_of_2(hn),
-                                num_warps=4)
+                                num_warps=4, enable_fp_fusion=False)
     return q
 
 
