@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import FIXTURES, tiny_config, tiny_reference_state  # noqa: E402
 from nemotron.checkpoint import torch_dist  # noqa: E402
-from nemotron.checkpoint.shards import load_full_state  # noqa: E402
+from nemotron.checkpoint.shards import fill_from_full_state  # noqa: E402
 from nemotron.engine.engine import Engine  # noqa: E402
 from nemotron.engine.forward import forward_logits  # noqa: E402
 from nemotron.engine.lockstep import Coordinator, follow  # noqa: E402
@@ -32,7 +32,7 @@ def main():
     ps = runtime.ps
     model = NemotronModel(tiny_config(), ps).eval()
     if source == "reference":
-        load_full_state(model, tiny_reference_state())
+        fill_from_full_state(model, tiny_reference_state())
     else:
         torch_dist.load(model, os.path.join(source, "model_weights"))
     tok = Tokenizer(os.path.join(FIXTURES, "tiny_tokenizer.model"))

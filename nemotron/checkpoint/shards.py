@@ -107,7 +107,7 @@ def copy_into(param: torch.Tensor, value: torch.Tensor, spec: ShardSpec, source:
 
 
 @torch.no_grad()
-def load_full_state(model, state: Dict[str, torch.Tensor], source: str = "state dict") -> None:
+def fill_from_full_state(model, state: Dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Fill this rank's shard from full (unsharded) MCore-named tensors, e.g. a reference or seeded weights."""
     params = dict(model.named_parameters())
     for local, spec in shard_specs(model).items():
