@@ -58,6 +58,68 @@ def load_prompts(cfg: DictConfig) -> list:
     return prompts
 
 
+class _EarlyServer:
+    """Rank 0's HTTP server, listening from the start: /health answers 503 until every rank has loaded its shard.
+
+    The server runs in a thread. The main thread owns SIGTERM/SIGINT: a signal while loading exits at once (the
+    other ranks notice rank 0 is gone); after that it drains the server, and the caller shuts the ranks down.
+    """
+
+    def __init__(self, cfg: DictConfig, model_name: str):
+        import signal
+        import threading
+
+        from nemotron.server import serve
+        self.coordinator = None
+        self.stop = threading.Event()
+        self.failed: list = []
+
+        def run_server():
+            try:
+                serve(self, host=str(cfg.get("host", "0.0.0.0")), port=int(cfg.port),
+                      threads=int(cfg.get("server_threads", 8)), stop=self.stop, ready=lambda: self.ready,
+                      api_key=cfg.get("server_api_key") or os.environ.get("NEMOTRON_API_KEY") or None,
+                      max_body_bytes=int(cfg.get("max_body_bytes", 1 << 20)),
+                      log_prompts=bool(cfg.get("log_prompts", False)), model_name=model_name)
+            except Exception as exc:  # e.g. the port is taken: the main thread reports it
+                self.failed.append(exc)
+            finally:
+                self.stop.set()
+
+        def on_signal(signum, _frame):
+            if self.coordinator is None:
+                print(f"[nemotron] {signal.Signals(signum).name} while loading: exiting", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            log.info("received %s: shutting the server down", signal.Signals(signum).name)
+            self.stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, on_signal)
+        self.thread = threading.Thread(target=run_server, name="http", daemon=True)
+        self.thread.start()
+        self.thread.join(timeout=1.0)  # a taken port fails within this: report it before a long load
+        if self.failed:
+            raise self.failed[0]
+
+    @property
+    def ready(self) -> bool:
+        return self.coordinator is not None
+
+    def __getattr__(self, name):  # the server sees the real coordinator once it is attached
+        return getattr(self.coordinator, name)
+
+    def generate(self, req):
+        return self.coordinator.generate(req)
+
+    def serve_until_stopped(self, coordinator) -> None:
+        self.coordinator = coordinator
+        self.stop.wait()
+        self.thread.join()
+        if self.failed:
+            raise self.failed[0]
+
+
 def run(cfg: DictConfig) -> int:
     import torch
 
@@ -66,7 +128,7 @@ def run(cfg: DictConfig) -> int:
     from nemotron.engine.engine import Engine
     from nemotron.engine.lockstep import Coordinator, follow
     from nemotron.engine.request import request_from_inference_config
-    from nemotron.parallel.runtime import init_runtime
+    from nemotron.parallel.runtime import detect_launch, init_runtime
 
     check_supported(cfg)
     tp = max(1, int(cfg.tensor_model_parallel_size))
@@ -75,13 +137,16 @@ def run(cfg: DictConfig) -> int:
     if accel in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UsageError(f"trainer.accelerator={accel} but no CUDA device is available (use trainer.accelerator=cpu)")
     dtype = dtype_from_precision(cfg.trainer.precision)
+    path = cfg.gpt_model_file or DEMO_MODEL
+    web = None
+    if cfg.server and detect_launch().rank == 0:
+        web = _EarlyServer(cfg, os.path.basename(path.rstrip("/")))
     runtime = init_runtime(tp, pp, int(cfg.trainer.devices), int(cfg.trainer.num_nodes), cpu=accel == "cpu")
     ps = runtime.ps
     if ps.rank == 0 and int(cfg.get("pipeline_model_parallel_split_rank", -1)) >= 0:
         log.info("pipeline_model_parallel_split_rank=%s has no effect on decoder-only models",
                  cfg.pipeline_model_parallel_split_rank)
 
-    path = cfg.gpt_model_file or DEMO_MODEL
     if not cfg.gpt_model_file and ps.rank == 0:
         log.info("gpt_model_file not set: using the embedded demo model (%s)", path)
     started = time.perf_counter()
@@ -114,13 +179,10 @@ def run(cfg: DictConfig) -> int:
                     json.dump([response], f, indent=1)
         elif not cfg.server:
             raise UsageError("Expected at least one prompt (set prompts=[...] or prompts_jsonl=...)")
-        if cfg.server:
-            from nemotron.server import serve
-            serve(coordinator, host=str(cfg.get("host", "0.0.0.0")), port=int(cfg.port),
-                  threads=int(cfg.get("server_threads", 8)),
-                  api_key=cfg.get("server_api_key") or os.environ.get("NEMOTRON_API_KEY") or None,
-                  max_body_bytes=int(cfg.get("max_body_bytes", 1 << 20)),
-                  log_prompts=bool(cfg.get("log_prompts", False)), model_name=os.path.basename(path.rstrip("/")))
+        if web is not None:
+            if web.failed:
+                raise web.failed[0]
+            web.serve_until_stopped(coordinator)
     finally:
         coordinator.shutdown()
         runtime.close()

@@ -1,0 +1,75 @@
+"""GET /health answers 503 until every rank has loaded its shard, then 200.
+
+Rank 0 is started alone (torchrun's variables, by hand); its HTTP server listens at once while it waits for rank 1
+at the rendezvous. Rank 1 starts only after the test has seen the 503.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from conftest import FIXTURES
+
+TINY = os.path.join(FIXTURES, "tiny_tp1_torch_dist")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_rank(rank, master, http_port):
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", LOCAL_WORLD_SIZE="2",
+               WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master), OMP_NUM_THREADS="1",
+               TORCHELASTIC_RUN_ID="health-test")
+    cmd = [sys.executable, "-m", "nemotron.eval", f"gpt_model_file={TINY}", "trainer.precision=32",
+           "tensor_model_parallel_size=2", "trainer.devices=2", "server=True", "host=127.0.0.1",
+           f"port={http_port}", "prompts=[]"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def health(port):
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
+    except requests.RequestException:
+        return None
+
+
+@pytest.mark.slow
+def test_health_is_503_until_all_ranks_loaded():
+    master, port = free_port(), free_port()
+    procs = [start_rank(0, master, port)]
+    try:
+        deadline = time.time() + 60
+        while health(port) is None:
+            assert procs[0].poll() is None, procs[0].stderr.read()[-2000:]
+            assert time.time() < deadline, "rank 0's server never started listening"
+            time.sleep(0.3)
+        assert health(port) == 503
+        put = requests.put(f"http://127.0.0.1:{port}/generate", json={"sentences": ["x"]}, timeout=5)
+        assert put.status_code == 503 and "not loaded" in put.json()["message"]
+
+        procs.append(start_rank(1, master, port))
+        deadline = time.time() + 120
+        while health(port) != 200:
+            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-2000:]
+            assert time.time() < deadline, "never became healthy"
+            time.sleep(0.3)
+        out = requests.put(f"http://127.0.0.1:{port}/generate", json={"sentences": ["x"], "greedy": True,
+                                                                      "tokens_to_generate": 3}, timeout=60)
+        assert out.status_code == 200 and out.json()["sentences"][0].startswith("x")
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=60) == 0
+        assert procs[1].wait(timeout=60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
