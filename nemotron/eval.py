@@ -141,7 +141,11 @@ def run(cfg: DictConfig) -> int:
     web = None
     if cfg.server and detect_launch().rank == 0:
         web = _EarlyServer(cfg, os.path.basename(path.rstrip("/")))
-    runtime = init_runtime(tp, pp, int(cfg.trainer.devices), int(cfg.trainer.num_nodes), cpu=accel == "cpu")
+    # Idle followers wait on the gloo control group with this timeout; rank 0's heartbeats (a quarter of it, at
+    # most 5 s apart) keep the wait from ever expiring while the server has no traffic.
+    control_timeout = float(os.environ.get("NEMOTRON_CONTROL_TIMEOUT_S", "120"))
+    runtime = init_runtime(tp, pp, int(cfg.trainer.devices), int(cfg.trainer.num_nodes), cpu=accel == "cpu",
+                           control_timeout_s=control_timeout)
     ps = runtime.ps
     if ps.rank == 0 and int(cfg.get("pipeline_model_parallel_split_rank", -1)) >= 0:
         log.info("pipeline_model_parallel_split_rank=%s has no effect on decoder-only models",
@@ -164,7 +168,7 @@ def run(cfg: DictConfig) -> int:
         runtime.close()
         return 0
 
-    coordinator = Coordinator(engine, runtime.control)
+    coordinator = Coordinator(engine, runtime.control, heartbeat_s=min(5.0, control_timeout / 4))
     try:
         prompts = load_prompts(cfg)
         if prompts:

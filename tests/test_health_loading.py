@@ -73,3 +73,34 @@ def test_health_is_503_until_all_ranks_loaded():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+@pytest.mark.slow
+def test_idle_followers_outlive_the_control_timeout():
+    """With a 4 s control-group timeout, 12 s without traffic must not kill the worker: rank 0's heartbeats keep
+    its wait alive, and the next request is served by both ranks."""
+    master, port = free_port(), free_port()
+    os.environ["NEMOTRON_CONTROL_TIMEOUT_S"] = "4"
+    try:
+        procs = [start_rank(0, master, port), start_rank(1, master, port)]
+    finally:
+        del os.environ["NEMOTRON_CONTROL_TIMEOUT_S"]
+    try:
+        deadline = time.time() + 120
+        while health(port) != 200:
+            assert all(p.poll() is None for p in procs), procs[1].stderr.read()[-2000:]
+            assert time.time() < deadline, "never became healthy"
+            time.sleep(0.3)
+        time.sleep(12)
+        assert all(p.poll() is None for p in procs), procs[1].stderr.read()[-2000:]
+        out = requests.put(f"http://127.0.0.1:{port}/generate", json={"sentences": ["def f(x):"], "greedy": True,
+                                                                      "tokens_to_generate": 4}, timeout=60)
+        assert out.status_code == 200, out.text
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=60) == 0
+        assert procs[1].wait(timeout=60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
