@@ -64,3 +64,18 @@ def test_checkpoint_written_at_one_tp_loads_at_another(tmp_path, baseline, tp, p
     rel = (got["logits"] - baseline["logits"]).abs().max() / baseline["logits"].abs().max()
     assert rel <= 1e-5
     assert got["greedy"] == baseline["greedy"]
+
+
+@pytest.mark.slow
+def test_error_inside_generation_keeps_ranks_in_step(tmp_path):
+    """Generation fails on every rank (injected): rank 0 gets GenerationError and the next request still runs."""
+    out = str(tmp_path / "fault.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           os.path.join(HERE, "lockstep_fault_worker.py"), out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        seen = json.load(f)
+    assert seen["error"] and "injected: cannot allocate the KV cache" in seen["error"]
+    assert seen["after"] == seen["before"]

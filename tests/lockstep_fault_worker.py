@@ -1,0 +1,55 @@
+"""One rank of the lockstep fault test (run under torchrun, TP2 gloo): generation raises on every rank for a
+request whose prompt is "FAIL" (injected into this process's engine); rank 0 must get GenerationError, and the
+ranks must stay in step so the next request succeeds. Rank 0 writes what it saw to OUT as JSON."""
+import json
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import FIXTURES, tiny_config, tiny_reference_state  # noqa: E402
+from nemotron.checkpoint.shards import fill_from_full_state  # noqa: E402
+from nemotron.engine.engine import Engine  # noqa: E402
+from nemotron.engine.lockstep import Coordinator, GenerationError, follow  # noqa: E402
+from nemotron.engine.request import parse_request  # noqa: E402
+from nemotron.model import NemotronModel  # noqa: E402
+from nemotron.parallel.runtime import init_runtime  # noqa: E402
+from nemotron.tokenizer import Tokenizer  # noqa: E402
+
+
+class FaultyEngine(Engine):
+    def generate(self, req, prompts=None):
+        if req.sentences[0] == "FAIL":  # every rank sees the same request, so every rank fails here
+            raise MemoryError("injected: cannot allocate the KV cache")
+        return super().generate(req, prompts)
+
+
+def main():
+    out = sys.argv[1]
+    runtime = init_runtime(2, 1, devices=2, num_nodes=1, cpu=True)
+    model = NemotronModel(tiny_config(), runtime.ps).eval()
+    fill_from_full_state(model, tiny_reference_state())
+    engine = FaultyEngine(model, Tokenizer(os.path.join(FIXTURES, "tiny_tokenizer.model")))
+    if runtime.ps.rank != 0:
+        follow(engine, runtime.control)
+        runtime.close()
+        return
+    coord = Coordinator(engine, runtime.control)
+    good = {"sentences": ["def f(x):"], "greedy": True, "tokens_to_generate": 6}
+    seen = {"before": coord.generate(parse_request(good))["token_ids"]}
+    try:
+        coord.generate(parse_request({"sentences": ["FAIL"], "tokens_to_generate": 6}))
+        seen["error"] = None
+    except GenerationError as exc:
+        seen["error"] = str(exc)
+    seen["after"] = coord.generate(parse_request(good))["token_ids"]
+    coord.shutdown()
+    with open(out, "w") as f:
+        json.dump(seen, f)
+    runtime.close()
+
+
+if __name__ == "__main__":
+    main()
