@@ -114,7 +114,10 @@ class _EarlyServer:
 
     def serve_until_stopped(self, coordinator) -> None:
         self.coordinator = coordinator
-        self.stop.wait()
+        # Wait in slices: Python runs signal handlers only in the main thread, when it executes bytecode. A SIGTERM
+        # delivered to another thread (CUDA starts many) would never wake an untimed wait.
+        while not self.stop.wait(0.5):
+            pass
         self.thread.join()
         if self.failed:
             raise self.failed[0]
