@@ -7,6 +7,10 @@ Routes (every answer is JSON, errors are ``{"message": "<text>"}``):
   ``all_probs``). Up to 128 sentences.
 * ``GET /`` and ``PUT /``: 200 with a small description (the 340B card's start-up probe is ``curl -X PUT host:port``).
 * ``GET /health``: 200 ``{"status": "ok"}`` once ``ready()`` says the model is loaded on every rank, 503 before.
+* ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI-compatible (non-streaming).
+  :mod:`nemotron.openai_api` translates each request into a NeMo payload, which goes through ``parse_request`` and
+  the coordinator like ``PUT /generate``, and translates the answer back. Same auth, readiness, body limit,
+  Content-Type, errors and log line as ``PUT /generate``.
 
 Statuses: 400 for a bad request (NeMo answered most of them with HTTP 200 and a bare string) or malformed JSON,
 415 for a Content-Type other than ``application/json``, 413 for a body over ``max_body_bytes``, 401 when an API key
@@ -31,6 +35,7 @@ from typing import Any, Callable, Optional
 import flask
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
+from nemotron import openai_api
 from nemotron.engine.lockstep import GenerationError
 from nemotron.engine.request import RequestError, parse_request
 
@@ -39,7 +44,8 @@ __all__ = ["create_app", "serve", "ROUTES"]
 log = logging.getLogger("nemotron.server")
 
 #: What ``GET /`` advertises, and what a 404 lists.
-ROUTES = {"/generate": ["PUT"], "/": ["GET", "PUT"], "/health": ["GET"]}
+ROUTES = {"/generate": ["PUT"], "/": ["GET", "PUT"], "/health": ["GET"], "/v1/completions": ["POST"],
+          "/v1/chat/completions": ["POST"], "/v1/models": ["GET"]}
 
 _JSON = "application/json"
 _STATE = "nemotron"  # key of our state in app.extensions
@@ -56,6 +62,14 @@ def _json_response(body: Any, status: int = 200, headers: Optional[dict] = None)
 
 def _error(message: str, status: int, headers: Optional[dict] = None) -> flask.Response:
     return _json_response({"message": message}, status, headers)
+
+
+class _Refused(Exception):
+    """A request refused before it is parsed (not ready, wrong Content-Type, bad JSON): ``message`` and ``status``."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
 
 
 def _check_api_key(api_key: str) -> bytes:
@@ -91,9 +105,10 @@ def create_app(
 ) -> flask.Flask:
     """The Flask app serving ``coordinator`` (anything with ``generate(GenerationRequest) -> dict``).
 
-    ``ready()`` gates ``/health`` and ``/generate`` (503 until it returns True). ``api_key``: when set, every route but
-    ``/health`` needs ``Authorization: Bearer <api_key>``. ``max_body_bytes``: larger bodies get 413. ``log_prompts``:
-    also log the prompt text (off by default: prompts may be private). ``model_name`` is shown by ``GET /``.
+    ``ready()`` gates ``/health``, ``/generate`` and the ``/v1`` routes (503 until it returns True). ``api_key``: when
+    set, every route but ``/health`` needs ``Authorization: Bearer <api_key>``. ``max_body_bytes``: larger bodies get
+    413. ``log_prompts``: also log the prompt text (off by default: prompts may be private). ``model_name`` is shown by
+    ``GET /`` and is the model of the OpenAI routes.
     """
     if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
@@ -153,25 +168,31 @@ def create_app(
 
     # --- routes -----------------------------------------------------------------------------------------------
 
-    def generate() -> flask.Response:
+    def check_serving() -> None:
         if state["draining"]:
-            return _error("the server is shutting down", 503)
+            raise _Refused("the server is shutting down", 503)
         if not is_ready():
-            return _error("the model is not loaded on all ranks yet; retry when GET /health answers 200", 503)
+            raise _Refused("the model is not loaded on all ranks yet; retry when GET /health answers 200", 503)
+
+    def json_body() -> Any:
+        """The decoded JSON body of a generation request, once the server can serve it (else _Refused / 413)."""
+        check_serving()
         request = flask.request
         length = request.content_length
         if length is not None and length > max_body_bytes:
             raise RequestEntityTooLarge()
         if request.mimetype != _JSON:
             got = request.headers.get("Content-Type")
-            return _error(f"Content-Type must be {_JSON} (got {got!r})" if got else
-                          f"Content-Type must be {_JSON} (the request has no Content-Type header)", 415)
+            raise _Refused(f"Content-Type must be {_JSON} (got {got!r})" if got else
+                           f"Content-Type must be {_JSON} (the request has no Content-Type header)", 415)
         body = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH, also for chunked bodies
         try:
-            payload = json.loads(body.decode(request.mimetype_params.get("charset", "utf-8")))
+            return json.loads(body.decode(request.mimetype_params.get("charset", "utf-8")))
         except (ValueError, LookupError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, charset
-            return _error(f"request body is not valid JSON: {exc}", 400)
+            raise _Refused(f"request body is not valid JSON: {exc}", 400) from None
 
+    def generate() -> flask.Response:
+        payload = json_body()
         if log_prompts and isinstance(payload, dict) and isinstance(payload.get("sentences"), list):
             flask.g.prompts = payload["sentences"]
         req = parse_request(payload)  # RequestError -> its status
@@ -179,6 +200,41 @@ def create_app(
         out = coordinator.generate(req)  # RequestError (nothing ran) or GenerationError (ranks in step)
         flask.g.tokens = _generated_tokens(coordinator, req, out)
         return _json_response(out)
+
+    # --- OpenAI-compatible routes: translated to a NeMo payload, validated by parse_request, run like /generate ----
+
+    def engine_tokenizer() -> Any:
+        tokenizer = getattr(getattr(coordinator, "engine", None), "tokenizer", None)
+        if tokenizer is None:
+            raise RuntimeError("the coordinator exposes no engine tokenizer; the OpenAI routes need it")
+        return tokenizer
+
+    def run_openai(translation: openai_api.Translation):
+        tokenizer = engine_tokenizer()
+        payload = translation.payload
+        if log_prompts and isinstance(payload["sentences"], list):
+            flask.g.prompts = payload["sentences"]
+        req = parse_request(payload)  # RequestError -> its status, with NeMo's message
+        flask.g.sentences = len(req.sentences)
+        return req, coordinator.generate(req), tokenizer
+
+    def log_usage(answer: dict) -> flask.Response:
+        flask.g.tokens = answer["usage"]["completion_tokens"]
+        return _json_response(answer)
+
+    def completions() -> flask.Response:
+        translation = openai_api.completion_request(json_body())
+        req, out, tokenizer = run_openai(translation)
+        return log_usage(openai_api.completion_response(req, out, tokenizer, model=model_name,
+                                                        echo=translation.echo))
+
+    def chat_completions() -> flask.Response:
+        req, out, tokenizer = run_openai(openai_api.chat_request(json_body()))
+        return log_usage(openai_api.chat_response(req, out, tokenizer, model=model_name))
+
+    def models() -> flask.Response:
+        check_serving()
+        return _json_response(openai_api.models_response(model_name))
 
     def root() -> flask.Response:
         return _json_response({"service": "nemotron", "model": model_name, "ready": is_ready(),
@@ -191,7 +247,8 @@ def create_app(
             return _json_response({"status": "loading"}, 503)
         return _json_response({"status": "ok"})
 
-    for path, view in (("/generate", generate), ("/", root), ("/health", health)):
+    for path, view in (("/generate", generate), ("/", root), ("/health", health), ("/v1/completions", completions),
+                       ("/v1/chat/completions", chat_completions), ("/v1/models", models)):
         # No automatic OPTIONS: every method not listed answers 405. HEAD comes with GET.
         app.add_url_rule(path, view.__name__, view, methods=ROUTES[path], provide_automatic_options=False)
 
@@ -199,6 +256,10 @@ def create_app(
 
     @app.errorhandler(RequestError)
     def _request_error(exc: RequestError) -> flask.Response:
+        return _error(exc.message, exc.status)
+
+    @app.errorhandler(_Refused)
+    def _refused(exc: _Refused) -> flask.Response:
         return _error(exc.message, exc.status)
 
     @app.errorhandler(GenerationError)
