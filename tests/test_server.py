@@ -453,9 +453,10 @@ def test_other_methods_are_405(tp1, method, path, allow):
 
 
 def test_unknown_path_is_404(tp1):
-    r = tp1.session.get(tp1.url("/v1/completions"), headers=AUTH)
+    r = tp1.session.get(tp1.url("/v1/nope"), headers=AUTH)
     assert r.status_code == 404
-    assert r.json() == {"message": "no route /v1/completions; routes: PUT /generate; GET/PUT /; GET /health"}
+    assert r.json() == {"message": "no route /v1/nope; routes: PUT /generate; GET/PUT /; GET /health; "
+                                   "POST /v1/completions; POST /v1/chat/completions; GET /v1/models"}
 
 
 def test_api_key(tp1):
