@@ -42,6 +42,28 @@ def health(port):
         return None
 
 
+def wait_healthy(procs, port, timeout=120):
+    deadline = time.time() + timeout
+    while health(port) != 200:
+        assert all(p.poll() is None for p in procs), procs[-1].stderr.read()[-2000:]
+        assert time.time() < deadline, "never became healthy"
+        time.sleep(0.3)
+
+
+def stop_ranks(procs):
+    """SIGTERM to rank 0 must end every rank cleanly."""
+    procs[0].send_signal(signal.SIGTERM)
+    assert procs[0].wait(timeout=60) == 0
+    assert procs[1].wait(timeout=60) == 0
+
+
+def kill_leftovers(procs):
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 @pytest.mark.slow
 def test_health_is_503_until_all_ranks_loaded():
     master, port = free_port(), free_port()
@@ -57,22 +79,13 @@ def test_health_is_503_until_all_ranks_loaded():
         assert put.status_code == 503 and "not loaded" in put.json()["message"]
 
         procs.append(start_rank(1, master, port))
-        deadline = time.time() + 120
-        while health(port) != 200:
-            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-2000:]
-            assert time.time() < deadline, "never became healthy"
-            time.sleep(0.3)
+        wait_healthy(procs, port)
         out = requests.put(f"http://127.0.0.1:{port}/generate", json={"sentences": ["x"], "greedy": True,
                                                                       "tokens_to_generate": 3}, timeout=60)
         assert out.status_code == 200 and out.json()["sentences"][0].startswith("x")
-        procs[0].send_signal(signal.SIGTERM)
-        assert procs[0].wait(timeout=60) == 0
-        assert procs[1].wait(timeout=60) == 0
+        stop_ranks(procs)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        kill_leftovers(procs)
 
 
 @pytest.mark.slow
@@ -86,21 +99,12 @@ def test_idle_followers_outlive_the_control_timeout():
     finally:
         del os.environ["NEMOTRON_CONTROL_TIMEOUT_S"]
     try:
-        deadline = time.time() + 120
-        while health(port) != 200:
-            assert all(p.poll() is None for p in procs), procs[1].stderr.read()[-2000:]
-            assert time.time() < deadline, "never became healthy"
-            time.sleep(0.3)
+        wait_healthy(procs, port)
         time.sleep(12)
         assert all(p.poll() is None for p in procs), procs[1].stderr.read()[-2000:]
         out = requests.put(f"http://127.0.0.1:{port}/generate", json={"sentences": ["def f(x):"], "greedy": True,
                                                                       "tokens_to_generate": 4}, timeout=60)
         assert out.status_code == 200, out.text
-        procs[0].send_signal(signal.SIGTERM)
-        assert procs[0].wait(timeout=60) == 0
-        assert procs[1].wait(timeout=60) == 0
+        stop_ranks(procs)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        kill_leftovers(procs)
