@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from nemotron.checkpoint.shards import shard_specs  # noqa: E402
 from nemotron.config import PRESETS, ModelConfig, to_hf_config  # noqa: E402
-from nemotron.engine import graphs as graphs_mod  # noqa: E402
+from nemotron.engine import kernels as kernels_mod  # noqa: E402
 from nemotron.engine.forward import forward_logits  # noqa: E402
 from nemotron.engine.graphs import DecodeGraphs, FusedDecoder, batch_bucket, kv_bucket  # noqa: E402
 from nemotron.model import Batch, NemotronModel  # noqa: E402
@@ -304,7 +304,7 @@ def measure_roofline(ctx: Ctx):
 @torch.inference_mode()
 def check_kernels(ctx: Ctx, model: NemotronModel):
     """Triton kernels vs their plain-torch versions on the GPU at this model's shapes."""
-    if not ctx.cuda or graphs_mod.triton is None:
+    if not ctx.cuda or kernels_mod.triton is None:
         return
     cfg, ps = model.cfg, model.ps
     att = model.decoder.layers[0].self_attention
@@ -313,20 +313,20 @@ def check_kernels(ctx: Ctx, model: NemotronModel):
     out = {}
     res = []
     for force in (False, True):
-        graphs_mod.FORCE_TORCH = force
+        kernels_mod.FORCE_TORCH = force
         qkv = torch.randn(n, ng * (hpg + 2) * hn, generator=g.manual_seed(1), device=ctx.dev, dtype=torch.bfloat16)
         pos = torch.arange(n, device=ctx.dev) * 7
         cos, sin = model.rotary(pos.view(n, 1), torch.bfloat16)
         ck = torch.zeros(n, ng, 64, hn, dtype=torch.bfloat16, device=ctx.dev)
         cv = torch.zeros_like(ck)
-        q = graphs_mod.rope_to_cache(qkv, cos.reshape(n, -1), sin.reshape(n, -1), pos, ck, cv, ng, hpg, hn)
+        q = kernels_mod.rope_to_cache(qkv, cos.reshape(n, -1), sin.reshape(n, -1), pos, ck, cv, ng, hpg, hn)
         x = torch.randn(n, cfg.hidden_size, generator=g.manual_seed(2), device=ctx.dev, dtype=torch.bfloat16)
         d = torch.randn(n, cfg.hidden_size, generator=g.manual_seed(3), device=ctx.dev, dtype=torch.bfloat16)
         w = model.decoder.layers[0].mlp.linear_fc1
-        s, y = graphs_mod.add_layer_norm(x, d, w.layer_norm_weight + 1, w.layer_norm_bias, w.eps)
-        r2 = graphs_mod.relu_squared(d)
+        s, y = kernels_mod.add_layer_norm(x, d, w.layer_norm_weight + 1, w.layer_norm_bias, w.eps)
+        r2 = kernels_mod.relu_squared(d)
         res.append((q, ck, cv, s, y, r2))
-    graphs_mod.FORCE_TORCH = False
+    kernels_mod.FORCE_TORCH = False
     for name, i in (("rope_q", 0), ("cache_k", 1), ("cache_v", 2), ("residual_add", 3), ("relu2", 5)):
         out[name + "_equal"] = bool(torch.equal(res[0][i], res[1][i]))
         if not out[name + "_equal"]:
@@ -876,7 +876,7 @@ def main():
         "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "preset": args.preset,
         "num_layers": cfg.num_layers, "tp": ps.tp_size, "config": cfg.__dict__,
         "env": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(dev) if ctx.cuda else "cpu",
-                "cuda": torch.version.cuda, "triton": getattr(graphs_mod.triton, "__version__", None)},
+                "cuda": torch.version.cuda, "triton": getattr(kernels_mod.triton, "__version__", None)},
     })
     dtype = torch.bfloat16
     measure_roofline(ctx)

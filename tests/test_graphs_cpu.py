@@ -107,8 +107,8 @@ def test_fused_gamma_cache_follows_weight_updates(tiny_cfg, tiny_state):
 
 _INTERPRET = r"""
 import torch
-from nemotron.engine import graphs
-assert graphs.triton is not None
+from nemotron.engine import graphs, kernels
+assert kernels.triton is not None
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):
     n, ng, hpg, hn, r, S = 3, 2, 3, 24, 12, 16
@@ -118,17 +118,17 @@ for dtype in (torch.float32, torch.bfloat16):
     pos = torch.tensor([0, 7, 15])
     out = []
     for interpret in ("1", "0"):
-        graphs.os.environ["TRITON_INTERPRET"] = interpret
+        kernels.os.environ["TRITON_INTERPRET"] = interpret
         ck = torch.full((4, ng, S, hn), 9.0, dtype=dtype); cv = ck.clone()
-        q = graphs.rope_to_cache(qkv, cos, sin, pos, ck, cv, ng, hpg, hn)
+        q = kernels.rope_to_cache(qkv, cos, sin, pos, ck, cv, ng, hpg, hn)
         x = torch.randn(n, 40).to(dtype) if not out else out[0][3]
         d = torch.randn(n, 40).to(dtype) if not out else out[0][4]
         g, b = torch.randn(40).to(dtype), torch.randn(40).to(dtype)
         if out:
             g, b = out[0][5], out[0][6]
-        s, y = graphs.add_layer_norm(x, d, g, b, 1e-5)
-        _, y0 = graphs.add_layer_norm(x, None, g, b, 1e-5)
-        h = graphs.relu_squared(d)
+        s, y = kernels.add_layer_norm(x, d, g, b, 1e-5)
+        _, y0 = kernels.add_layer_norm(x, None, g, b, 1e-5)
+        h = kernels.relu_squared(d)
         out.append((q, ck, cv, x, d, g, b, s, y, y0, h))
     tri, ref = out
     # The interpreter rounds float32 -> bfloat16 by truncation (the GPU rounds to nearest even), so bf16
@@ -145,7 +145,7 @@ for dtype in (torch.float32, torch.bfloat16):
 from nemotron.config import ModelConfig
 from nemotron.engine.forward import forward_logits
 from nemotron.model import Batch, NemotronModel
-graphs.os.environ["TRITON_INTERPRET"] = "1"
+kernels.os.environ["TRITON_INTERPRET"] = "1"
 cfg = ModelConfig(num_layers=2, hidden_size=48, ffn_hidden_size=96, num_attention_heads=6, num_query_groups=2,
                   kv_channels=24, padded_vocab_size=256, max_position_embeddings=64)
 model = NemotronModel(cfg).eval()
