@@ -6,7 +6,7 @@ kernels in Triton's interpreter against the torch versions, the GPU benchmark co
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ if triton is not None:
         m = offs < N
         x = tl.load(X + row * N + offs, mask=m, other=0.0)
         if HAS_D:
-            d = tl.load(D + row * N + offs, mask=m, other=0.0)
+            # d may be the TP all-reduce's float32 sum: round it to the activation dtype first, as eager's cast does
+            d = tl.load(D + row * N + offs, mask=m, other=0.0).to(R.dtype.element_ty)
             s = (x.to(tl.float32) + d.to(tl.float32)).to(R.dtype.element_ty)
             tl.store(R + row * N + offs, s, mask=m)
             xf = s.to(tl.float32)
@@ -104,9 +105,10 @@ def _ln_warps(block: int) -> int:
 
 def add_layer_norm(x: torch.Tensor, delta: Optional[torch.Tensor], gamma: torch.Tensor, beta: torch.Tensor,
                    eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x, delta [n, h] -> (x + delta, LayerNorm(x + delta) with gamma, beta). delta None: no add."""
+    """x, delta [n, h] -> (x + delta, LayerNorm(x + delta) with gamma, beta). delta None: no add; a float32
+    delta (a TP all-reduce's sum) is first rounded to x's dtype."""
     if not _use_triton(x):
-        s = x if delta is None else x + delta
+        s = x if delta is None else x + delta.to(x.dtype)
         return s, F.layer_norm(s, (s.shape[-1],), gamma, beta, eps)
     n, h = x.shape
     block = triton.next_power_of_2(h)
@@ -150,4 +152,233 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     numel = x.numel()
     block = 2048
     _relu2_kernel[(triton.cdiv(numel, block),)](x, y, numel, BLOCK=block, num_warps=4)
+    return y
+
+
+# --- Decode attention: each row's query heads of one group against that group's cached keys ----------------
+
+if triton is not None:
+    @triton.jit
+    def _decode_attn_kernel(Q, CK, CV, POS, O, PART, STATS, slot_stride, group_stride, scale, chunk,
+                            HPG: tl.constexpr, HN: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (row b, group g, split sp): keys [sp*chunk, min((sp+1)*chunk, pos[b]+1)) of slot b, group g.
+
+        The group's HPG query heads are the rows of one [BLOCK_H, BLOCK_D] tile, so K/V are read once per group
+        (GQA without repeats) and only up to the row's own length. Online softmax in float32; p is rounded to the
+        value dtype before p @ v, as flash attention does. One split writes O; several write float32 partial
+        sums and (max, sum) to PART/STATS for `_decode_attn_combine`."""
+        b = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1).to(tl.int64)
+        sp = tl.program_id(2)
+        ng = tl.num_programs(1)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        hd_mask = (h < HPG) & (d < HN)
+        q = tl.load(Q + ((b * ng + g) * HPG + h) * HN + d, mask=hd_mask, other=0.0)
+        kv_len = tl.load(POS + b) + 1
+        start = sp * chunk
+        end = tl.minimum(start + chunk, kv_len)
+        base = b * slot_stride + g * group_stride
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            keys = n0 + tl.arange(0, BLOCK_N)
+            live = keys < end
+            kv_at = base + keys[:, None] * HN + d
+            k = tl.load(CK + kv_at, mask=live[:, None] & (d < HN), other=0.0)   # [BLOCK_N, BLOCK_D]
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(live[None, :], s * scale, float("-inf"))              # [BLOCK_H, BLOCK_N]
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(CV + kv_at, mask=live[:, None] & (d < HN), other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        if SPLITS == 1:
+            tl.store(O + ((b * ng + g) * HPG + h) * HN + d, (acc / l_i[:, None]).to(O.dtype.element_ty),
+                     mask=hd_mask)
+        else:
+            at = (b * ng + g) * SPLITS + sp
+            tl.store(PART + (at * BLOCK_H + h) * BLOCK_D + d, acc)
+            hh = tl.arange(0, BLOCK_H)
+            tl.store(STATS + (at * 2) * BLOCK_H + hh, m_i)
+            tl.store(STATS + (at * 2 + 1) * BLOCK_H + hh, l_i)
+
+    @triton.jit
+    def _decode_attn_combine(PART, STATS, O, HPG: tl.constexpr, HN: tl.constexpr, SPLITS: tl.constexpr,
+                             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (row, group): merge the splits' partial softmax sums (every split but empty ones holds keys)."""
+        bg = tl.program_id(0).to(tl.int64)
+        hh = tl.arange(0, BLOCK_H)
+        h = hh[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        for sp in range(SPLITS):
+            m = tl.maximum(m, tl.load(STATS + ((bg * SPLITS + sp) * 2) * BLOCK_H + hh))
+        l_sum = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for sp in range(SPLITS):
+            at = bg * SPLITS + sp
+            w = tl.exp(tl.load(STATS + (at * 2) * BLOCK_H + hh) - m)  # an empty split: exp(-inf) = 0
+            l_sum += tl.load(STATS + (at * 2 + 1) * BLOCK_H + hh) * w
+            acc += tl.load(PART + (at * BLOCK_H + h) * BLOCK_D + d) * w[:, None]
+        tl.store(O + (bg * HPG + h) * HN + d, (acc / l_sum[:, None]).to(O.dtype.element_ty),
+                 mask=(h < HPG) & (d < HN))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
+                     kv_len: int) -> torch.Tensor:
+    """q [n, ng, hpg, hn] (row b = cache slot b), cache_k/v [slots, ng, S, hn], positions [n] (row b attends to
+    keys 0..positions[b]), kv_len >= every positions[b] + 1 -> attention output [n, ng, hpg, hn].
+
+    kv_len only sizes the work split (it is the graph's KV bucket); each row reads its own keys."""
+    n, ng, hpg, hn = q.shape
+    if not _use_triton(q):
+        keys = torch.arange(kv_len, device=q.device)
+        mask = torch.zeros(n, 1, 1, kv_len, dtype=q.dtype, device=q.device)
+        mask.masked_fill_(keys.view(1, 1, 1, -1) > positions.view(n, 1, 1, 1), float("-inf"))
+        # GQA without repeats: a group's query heads are the "query length" of one attention over its keys.
+        return F.scaled_dot_product_attention(q, cache_k[:n, :, :kv_len], cache_v[:n, :, :kv_len], attn_mask=mask)
+    assert q.is_contiguous() and cache_k.is_contiguous() and cache_v.is_contiguous()
+    block_d = triton.next_power_of_2(hn)
+    block_h = max(16, triton.next_power_of_2(hpg))  # tl.dot needs 16 rows
+    block_n = 64 if block_d <= 128 else 32
+    # Enough programs to fill the GPU twice over, but no split shorter than one key block.
+    splits = max(1, min(triton.cdiv(kv_len, block_n), triton.cdiv(2 * _sm_count(q.device), n * ng)))
+    chunk = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
+    splits = triton.cdiv(kv_len, chunk)
+    out = torch.empty_like(q)
+    if splits > 1:
+        part = torch.empty(n * ng * splits * block_h * block_d, dtype=torch.float32, device=q.device)
+        stats = torch.empty(n * ng * splits * 2 * block_h, dtype=torch.float32, device=q.device)
+    else:
+        part = stats = out  # unused
+    _decode_attn_kernel[(n, ng, splits)](
+        q, cache_k, cache_v, positions, out, part, stats, cache_k.stride(0), cache_k.stride(1), hn ** -0.5, chunk,
+        HPG=hpg, HN=hn, SPLITS=splits, IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
+        BLOCK_D=block_d, num_warps=4, num_stages=2)
+    if splits > 1:
+        _decode_attn_combine[(n * ng,)](part, stats, out, HPG=hpg, HN=hn, SPLITS=splits, BLOCK_H=block_h,
+                                        BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+# --- Skinny matmul: a decode step's few rows against a weight matrix, at the memory-bandwidth limit ----------
+
+if triton is not None:
+    @triton.jit
+    def _skinny_mm_kernel(X, W, Y, M, N, K, stride_x, stride_w, stride_y, RELU2: tl.constexpr,
+                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[:M, tile] = x[:M] @ W[tile]^T for one BLOCK_N tile of W's rows, streaming W once (the step's M <= 16
+        rows ride along in one padded tensor-core tile). RELU2: y = relu(round(y))^2, the MLP's activation."""
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        x_ptr = X + rm[:, None] * stride_x + rk[None, :]
+        w_ptr = W + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
+        x_mask = rm[:, None] < M
+        w_mask = rn[:, None] < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + k0, mask=x_mask & (k0 + rk[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + k0, mask=w_mask & (k0 + rk[None, :] < K), other=0.0)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        y = acc.to(Y.dtype.element_ty)
+        if RELU2:
+            yf = tl.maximum(y.to(tl.float32), 0.0)
+            y = (yf * yf).to(Y.dtype.element_ty)
+        tl.store(Y + rm[:, None] * stride_y + rn[None, :], y, mask=x_mask & (rn[None, :] < N))
+
+
+#: (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per weight shape; the fastest (or cuBLAS) is kept.
+SKINNY_CONFIGS = ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4),
+                  (64, 256, 8, 3))
+SKINNY_MAX_ROWS = 16
+_skinny_choice: Dict[Tuple, Optional[Tuple[int, int, int, int]]] = {}
+skinny_timings: Dict[str, Dict[str, float]] = {}  # what the choice was made from (the benchmark records it)
+
+
+def _skinny_launch(x, w, y, relu2, cfg):
+    bn, bk, warps, stages = cfg
+    M, K = x.shape
+    N = w.shape[0]
+    _skinny_mm_kernel[(triton.cdiv(N, bn),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
+                                             RELU2=relu2, IEEE=x.dtype == torch.float32, BLOCK_M=SKINNY_MAX_ROWS,
+                                             BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def _time_ms(fn, reps: int = 20) -> float:
+    fn()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / reps
+
+
+def _pick_skinny(x, w, out_dtype, relu2) -> Optional[Tuple[int, int, int, int]]:
+    """Time cuBLAS and each config on these very tensors (outside any graph capture); None means cuBLAS."""
+    mode = os.environ.get("NEMOTRON_DECODE_MATMUL", "auto")
+    if mode == "cublas":
+        return None
+    if not x.is_cuda:  # Triton's interpreter (CPU tests): always the kernel, first config
+        return SKINNY_CONFIGS[0]
+    y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
+    times = {"cublas": _time_ms(lambda: _cublas(x, w, out_dtype, relu2))}
+    for cfg in SKINNY_CONFIGS:
+        times[str(cfg)] = _time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
+    skinny_timings[f"M{x.shape[0]} N{w.shape[0]} K{w.shape[1]} {str(out_dtype)[6:]}{' relu2' if relu2 else ''}"] = times
+    best = min(SKINNY_CONFIGS, key=lambda c: times[str(c)])
+    if mode == "triton" or times[str(best)] < times["cublas"]:
+        return best
+    return None
+
+
+def _cublas(x, w, out_dtype, relu2):
+    if out_dtype != x.dtype:  # e.g. bf16 x bf16 -> fp32 sums (torch's mm has no out_dtype on CPU)
+        y = torch.mm(x, w.t(), out_dtype=out_dtype) if x.is_cuda else F.linear(x.float(), w.float()).to(out_dtype)
+    else:
+        y = F.linear(x, w)
+    return torch.square(F.relu(y)) if relu2 else y
+
+
+def decode_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
+                  relu2: bool = False) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T -> [M, N] in out_dtype (default x's; float32 keeps TP partial sums unrounded), then
+    relu^2 if asked. For M <= 16 on CUDA, whichever of cuBLAS and the skinny Triton kernel (per config) was
+    faster on first use of this shape runs from then on (NEMOTRON_DECODE_MATMUL=cublas|triton pins it)."""
+    out_dtype = out_dtype or x.dtype
+    if not _use_triton(x) or x.shape[0] > SKINNY_MAX_ROWS or (relu2 and out_dtype != x.dtype):
+        return _cublas(x, w, out_dtype, relu2)
+    key = (x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2, x.device)
+    if key not in _skinny_choice:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return _cublas(x, w, out_dtype, relu2)  # never time inside a capture (warm-up runs first)
+        _skinny_choice[key] = _pick_skinny(x, w, out_dtype, relu2)
+    cfg = _skinny_choice[key]
+    if cfg is None:
+        return _cublas(x, w, out_dtype, relu2)
+    assert x.stride(1) == 1 and w.stride(1) == 1
+    y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
+    _skinny_launch(x, w, y, relu2, cfg)
     return y

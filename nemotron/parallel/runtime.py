@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from nemotron.parallel.peer_allreduce import enable_peer_all_reduce
 from nemotron.parallel.state import ParallelConfigError, ParallelState
 
 log = logging.getLogger("nemotron")
@@ -177,4 +178,6 @@ def init_runtime(tp: int, pp: int, devices: int = 1, num_nodes: int = 1, *, cpu:
                           is_master=launch.rank == 0, timeout=datetime.timedelta(seconds=60))
     ps = ParallelState(tp_size=tp, pp_size=pp, rank=launch.rank, device=device,
                        tp_group=tp_group if tp > 1 else None, pp_group=pp_group if pp > 1 else None)
+    if use_cuda and tp > 1:
+        enable_peer_all_reduce(tp_group, device)
     return Runtime(ps, launch, control, store)
