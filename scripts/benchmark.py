@@ -49,6 +49,8 @@ from nemotron.engine import kernels as kernels_mod  # noqa: E402
 from nemotron.engine.forward import forward_logits  # noqa: E402
 from nemotron.engine.graphs import DecodeGraphs, FusedDecoder, batch_bucket, kv_bucket  # noqa: E402
 from nemotron.model import Batch, NemotronModel  # noqa: E402
+from nemotron.parallel.peer_allreduce import (disable_peer_all_reduce, enable_peer_all_reduce,  # noqa: E402
+                                               peer_all_reduce_for)
 from nemotron.parallel.state import ParallelState  # noqa: E402
 
 TINY = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
@@ -63,7 +65,7 @@ class Ctx:
     def __init__(self, args, ps: ParallelState, dev: torch.device):
         self.args, self.ps, self.dev = args, ps, dev
         self.cuda = dev.type == "cuda"
-        self.rank0 = ps.rank == 0
+        self.rank0 = ps.rank == (ps.last_stage_leader if ps.pp_size > 1 else 0)  # the reporting rank
         self.result: dict = {}
 
     def log(self, *msg):
@@ -237,13 +239,25 @@ def prefill(model, cache, prompts):
     return forward_logits(model, prompts, batch, cache, positions="last")
 
 
+def pick(model, logits, b: int, device) -> torch.Tensor:
+    """Greedy tokens [b] on every rank. Under PP only the last stage has logits: its TP leader broadcasts the
+    tokens to every rank (what the engine does each step)."""
+    ps = model.ps
+    if ps.pp_size == 1:
+        return logits.argmax(-1)
+    tok = logits.argmax(-1) if logits is not None else torch.empty(b, dtype=torch.long, device=device)
+    dist.broadcast(tok, src=ps.last_stage_leader)
+    return tok
+
+
 @torch.inference_mode()
 def greedy(step, model, cache, prompts, steps, forced=None):
-    """Greedy tokens [b, steps] (and per-step logits) via `step`; `forced` [b, steps] feeds those tokens instead."""
+    """Greedy tokens [b, steps] (and per-step logits; None on PP stages without logits) via `step`; `forced`
+    [b, steps] feeds those tokens instead."""
     b, P = prompts.shape
     logits = prefill(model, cache, prompts)
-    toks, all_logits = [], [logits.clone()]
-    tok = logits.argmax(-1)
+    toks, all_logits = [], [logits.clone() if logits is not None else None]
+    tok = pick(model, logits, b, prompts.device)
     for s in range(steps):
         toks.append(tok)
         if s == steps - 1:
@@ -251,9 +265,10 @@ def greedy(step, model, cache, prompts, steps, forced=None):
         feed = forced[:, s] if forced is not None else tok
         pos = torch.full((b,), P + s, dtype=torch.long, device=prompts.device)
         logits = step(feed, pos, P + s + 1)
-        all_logits.append(logits.clone())
-        tok = logits.argmax(-1)
-    return torch.stack(toks, 1), torch.stack(all_logits, 1)
+        all_logits.append(logits.clone() if logits is not None else None)
+        tok = pick(model, logits, b, prompts.device)
+    stacked = torch.stack(all_logits, 1) if all_logits[0] is not None else None
+    return torch.stack(toks, 1), stacked
 
 
 @torch.inference_mode()
@@ -261,13 +276,13 @@ def decode_loop_ms(ctx, step, model, cache, prompts, steps) -> float:
     """ms per step of `steps` greedy decode steps (argmax included), timed as one region with no host sync."""
     b, P = prompts.shape
     logits = prefill(model, cache, prompts)
-    tok = logits.argmax(-1)
+    tok = pick(model, logits, b, prompts.device)
     pos = [torch.full((b,), P + s, dtype=torch.long, device=prompts.device) for s in range(steps)]
 
     def run():
         nonlocal tok
         for s in range(steps):
-            tok = step(tok, pos[s], P + s + 1).argmax(-1)
+            tok = pick(model, step(tok, pos[s], P + s + 1), b, prompts.device)
 
     run()  # warm-up (captures graphs on first use)
     return timed(ctx, run, warmup=0, reps=3 if steps > 40 else 2) / steps
@@ -336,6 +351,32 @@ def check_kernels(ctx: Ctx, model: NemotronModel):
     diff = (res[0][4].float() - res[1][4].float()).abs()
     out["layernorm_max_abs_diff"] = float(diff.max())
     out["layernorm_frac_differing"] = float((diff > 0).float().mean())
+    # Decode attention (Triton, per-row lengths, split KV) vs SDPA with a mask, at this model's head shape.
+    S = 320
+    ck = torch.randn(n, ng, S, hn, generator=g.manual_seed(6), device=ctx.dev, dtype=torch.bfloat16)
+    cv = torch.randn(n, ng, S, hn, generator=g.manual_seed(7), device=ctx.dev, dtype=torch.bfloat16)
+    qa = torch.randn(n, ng, hpg, hn, generator=g.manual_seed(8), device=ctx.dev, dtype=torch.bfloat16)
+    pos = torch.tensor([S - 1, 0, 5, 63, 64, 65, 200, 255][:n], device=ctx.dev)
+    att_out = []
+    for force in (False, True):
+        kernels_mod.FORCE_TORCH = force
+        att_out.append(kernels_mod.decode_attention(qa, ck, cv, pos, S).float())
+    kernels_mod.FORCE_TORCH = False
+    d = (att_out[0] - att_out[1]).abs()
+    out["decode_attention_max_abs_diff"] = float(d.max())
+    out["decode_attention_max_rel_diff"] = float(d.max() / att_out[1].abs().max())
+    # Skinny matmul (every config, forced) vs cuBLAS, bf16 out and fp32 out, at the fc1 shape.
+    w = model.decoder.layers[0].mlp.linear_fc1.weight
+    for m in (1, 8):
+        xm = torch.randn(m, w.shape[1], generator=g.manual_seed(9), device=ctx.dev, dtype=torch.bfloat16)
+        ref = torch.mm(xm, w.t(), out_dtype=torch.float32)
+        worst = 0.0
+        for cfg_ in kernels_mod.SKINNY_CONFIGS:
+            for od in (torch.bfloat16, torch.float32):
+                y = torch.empty(m, w.shape[0], dtype=od, device=ctx.dev)
+                kernels_mod._skinny_launch(xm, w, y, False, cfg_)
+                worst = max(worst, float((y.float() - ref).abs().max() / ref.abs().max()))
+        out[f"skinny_mm_m{m}_max_rel_diff_vs_fp32_cublas"] = worst
     ctx.result["kernel_checks"] = out
     ctx.log("kernel checks (Triton vs torch):", out)
 
@@ -566,26 +607,44 @@ def compile_bench(ctx: Ctx, model, stepper, prompts, steps, mode):
 # --- TP / slope / all-reduce / extrapolation -----------------------------------------------------------------
 
 def allreduce_latency(ctx: Ctx, hidden: int):
+    """ms per all-reduce of [1, hidden] (fp32: the row-parallel partial sums; bf16: the embedding), 64 in a row,
+    eager and captured in a graph, through NCCL and (where on) through the peers' memory."""
     ps = ctx.ps
-    if ps.tp_size == 1 or not ctx.cuda:
+    if ps.tp_group is None or not ctx.cuda:
         return None
-    x = torch.randn(1, hidden, dtype=torch.bfloat16, device=ctx.dev)
     reps = 64
-    eager = timed(ctx, lambda: [dist.all_reduce(x, group=ps.tp_group) for _ in range(reps)], warmup=1, reps=3) / reps
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        dist.all_reduce(x, group=ps.tp_group)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(g, capture_error_mode="thread_local"):
-        for _ in range(reps):
-            dist.all_reduce(x, group=ps.tp_group)
-    graph = timed(ctx, g.replay, warmup=2, reps=5) / reps
-    res = {"bytes": 2 * hidden, "eager_ms": eager, "graph_ms": graph}
+    res = {}
+    peer = peer_all_reduce_for(ps.tp_group)
+    paths = [("nccl", lambda x: dist.all_reduce(x, group=ps.tp_group))]
+    if peer is not None:
+        paths.append(("peer", lambda x: peer(x)))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, hidden, dtype=dtype, device=ctx.dev)
+        for name, fn in paths:
+            eager = timed(ctx, lambda: [fn(x) for _ in range(reps)], warmup=1, reps=3) / reps
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(x)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                for _ in range(reps):
+                    fn(x)
+            graph = timed(ctx, g.replay, warmup=2, reps=5) / reps
+            res[f"{name}_{str(dtype)[6:]}"] = {"bytes": x.numel() * x.element_size(), "eager_ms": eager,
+                                               "graph_ms": graph}
+        if peer is not None:  # the two paths must agree exactly (same summation order on every rank)
+            y = torch.randn(4, hidden, dtype=dtype, device=ctx.dev, generator=torch.Generator(
+                device=ctx.dev).manual_seed(ps.rank))
+            a, b = peer(y), y.clone()
+            dist.all_reduce(b, group=ps.tp_group)
+            res[f"peer_vs_nccl_{str(dtype)[6:]}_max_abs_diff"] = float((a.float() - b.float()).abs().max())
+    used = "peer" if peer is not None else "nccl"
+    res["used_graph_ms"] = res[f"{used}_float32"]["graph_ms"]  # what a decode layer pays per all-reduce
     ctx.result["allreduce_1xh"] = res
-    ctx.log("all-reduce [1, h] bf16:", res)
+    ctx.log("all-reduce [1, h]:", res)
     return res
 
 
@@ -599,7 +658,7 @@ def extrapolate(ctx: Ctx):
     tp = ctx.ps.tp_size
     c = slope["per_layer_ms"]
     fixed = slope["fixed_ms"]
-    a = (r.get("allreduce_1xh") or {}).get("graph_ms", 0.0)
+    a = (r.get("allreduce_1xh") or {}).get("used_graph_ms", 0.0)
     copy = r["roofline"]["copy_GBps"]
     full = PRESETS["nemotron-4-340b"]
     L = full.num_layers
@@ -611,7 +670,7 @@ def extrapolate(ctx: Ctx):
     hop = 0.05  # assumed: one [1, 18432] bf16 send/recv between the two nodes per token
     lines = [
         f"measured at TP{tp} on this card: per-layer {c:.4f} ms, fixed (embedding, final norm, output layer, argmax) "
-        f"{fixed:.4f} ms, all-reduce of [1, {full.hidden_size}] bf16 in a graph {a:.4f} ms, copy {copy:.0f} GB/s",
+        f"{fixed:.4f} ms, all-reduce of [1, {full.hidden_size}] fp32 in a graph {a:.4f} ms, copy {copy:.0f} GB/s",
         f"TP8 per layer = (per-layer - 2 x all-reduce) x {tp}/8 + 2 x all-reduce = ({c:.4f} - {2 * a:.4f}) x {tp}/8 "
         f"+ {2 * a:.4f} = {c8:.4f} ms (all-reduce latency assumed unchanged from TP{tp} to TP8)",
         f"TP8 fixed = {fixed:.4f} x {tp}/8 = {fixed8:.4f} ms",
@@ -652,15 +711,18 @@ def decode_suite(ctx: Ctx, model, cache):
         ctx.result["tokens_eager_matching_graph"] = int((toks == toks_e).sum())
         # eager's own greedy tokens teacher-forced through the graph step: top-1 agreement without cascades
         tf, lg_g = greedy(stepper.graph, model, cache, prompts1, 32, forced=toks_e)
-        rel = ((lg_g - lg_e).abs().amax(-1) / lg_e.abs().amax(-1)).flatten()
-        ctx.result["eager_tokens_teacher_forced_through_graph"] = {
-            "top1_matching": int((tf == toks_e).sum()), "of": int(toks_e.numel()),
-            "logits_rel_diff_max": float(rel.max()), "logits_rel_diff_median": float(rel.median())}
+        forced = {"top1_matching": int((tf == toks_e).sum()), "of": int(toks_e.numel())}
+        if lg_g is not None:  # this rank has logits (under PP: the last stage, which writes the JSON)
+            rel = ((lg_g - lg_e).abs().amax(-1) / lg_e.abs().amax(-1)).flatten()
+            forced.update(logits_rel_diff_max=float(rel.max()), logits_rel_diff_median=float(rel.median()))
+        ctx.result["eager_tokens_teacher_forced_through_graph"] = forced
         ctx.log("greedy tokens (graph, batch 1):", toks.tolist()[0][:16], "... eager matching:",
                 ctx.result["tokens_eager_matching_graph"], "/ 32; teacher-forced:",
                 ctx.result["eager_tokens_teacher_forced_through_graph"])
     guarded(ctx, "tokens", tokens)
     decode_bench(ctx, model, stepper, None, a.batches, a.prompt, a.steps, variants=("graph", "eager"))
+    if a.allreduce == "both" and ps_has_peer(ctx) and stepper.graphs is not None:
+        guarded(ctx, "decode_nccl", decode_with_nccl, ctx, model, stepper, prompts1)
     if a.profile:
         guarded(ctx, "profile", profile_stage, ctx, model, stepper, a.profile)
     if a.slope_layers:
@@ -669,6 +731,30 @@ def decode_suite(ctx: Ctx, model, cache):
     if a.extrapolate:
         extrapolate(ctx)
     ctx.save()
+
+
+def ps_has_peer(ctx: Ctx) -> bool:
+    return ctx.ps.tp_group is not None and peer_all_reduce_for(ctx.ps.tp_group) is not None
+
+
+def decode_with_nccl(ctx: Ctx, model, stepper, prompts1):
+    """The batch-1 graph step again with every all-reduce through NCCL (graphs recaptured), then the peer path
+    back on: the all-reduce path's share of the step, measured in the same run."""
+    group = ctx.ps.tp_group
+    peer = peer_all_reduce_for(group)
+    disable_peer_all_reduce(group)
+    stepper.graphs.reset()
+    try:
+        toks, _ = greedy(stepper.graph, model, stepper.cache, prompts1, 32)
+        ms = decode_loop_ms(ctx, stepper.graph, model, stepper.cache, prompts1, ctx.args.steps)
+    finally:
+        from nemotron.parallel import peer_allreduce
+        peer_allreduce._registry[group.group_name] = peer
+        stepper.graphs.reset()
+    same = int((toks == torch.tensor(ctx.result.get("tokens_graph_batch1", toks.tolist()), device=toks.device)).sum())
+    ctx.result["decode_batch1_nccl_allreduce"] = {"graph_ms": ms, "tokens_matching_peer_path": same,
+                                                  "of": int(toks.numel())}
+    ctx.log("batch 1 with NCCL all-reduces:", ctx.result["decode_batch1_nccl_allreduce"])
 
 
 @torch.inference_mode()
@@ -804,9 +890,9 @@ def table(ctx: Ctx):
 
 def setup(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != args.tp:
-        raise SystemExit(f"--tp {args.tp} needs {args.tp} processes (torchrun --nproc-per-node {args.tp}); "
-                         f"WORLD_SIZE is {world}")
+    if world != args.tp * args.pp:
+        raise SystemExit(f"--tp {args.tp} --pp {args.pp} needs {args.tp * args.pp} processes (torchrun "
+                         f"--nproc-per-node {args.tp * args.pp}); WORLD_SIZE is {world}")
     want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if want_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -814,13 +900,27 @@ def setup(args):
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    rank, group = 0, None
+    rank, tp_group, pp_group = 0, None, None
     if world > 1:
         kw = {"device_id": dev} if want_cuda else {}
         dist.init_process_group("nccl" if want_cuda else "gloo", **kw)
         rank = dist.get_rank()
-        group = dist.new_group(list(range(world)))
-    return ParallelState(tp_size=world, rank=rank, device=dev, tp_group=group), dev
+        tp, pp = args.tp, args.pp
+        for p in range(pp):  # as nemotron.parallel.runtime: TP groups are runs of consecutive ranks
+            g = dist.new_group(list(range(p * tp, (p + 1) * tp)))
+            if p == rank // tp:
+                tp_group = g
+        for t in range(tp):
+            g = dist.new_group([p * tp + t for p in range(pp)])
+            if t == rank % tp:
+                pp_group = g
+    ps = ParallelState(tp_size=args.tp, pp_size=args.pp, rank=rank, device=dev,
+                       tp_group=tp_group if args.tp > 1 else None, pp_group=pp_group if args.pp > 1 else None)
+    if args.allreduce != "nccl":
+        ps_peer = enable_peer_all_reduce(ps.tp_group, dev)
+        if args.tp > 1 and rank == 0:
+            print("peer all-reduce:", "on" if ps_peer else "off (NCCL)", flush=True)
+    return ps, dev
 
 
 def auto_layers(cfg: ModelConfig, ps: ParallelState, dev, reserve_gb: float) -> int:
@@ -838,7 +938,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench-8b", help=f"one of {sorted(PRESETS)} or 'tiny'")
     ap.add_argument("--layers", default=None, help="override num_layers: an integer, or 'auto' (as many as fit)")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= processes under torchrun)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (processes under torchrun = tp x pp)")
+    ap.add_argument("--allreduce", choices=("peer", "nccl", "both"), default="both",
+                    help="TP decode all-reduces: through the peers' memory, NCCL, or time both (decode suite)")
     ap.add_argument("--suite", choices=("full", "decode"), default="full",
                     help="full: roofline, correctness, HF peer, decode, prefill (one GPU); decode: TP scaling")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -874,7 +977,8 @@ def main():
     ctx = Ctx(args, ps, dev)
     ctx.result.update({
         "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "preset": args.preset,
-        "num_layers": cfg.num_layers, "tp": ps.tp_size, "config": cfg.__dict__,
+        "num_layers": cfg.num_layers, "tp": ps.tp_size, "pp": ps.pp_size, "config": cfg.__dict__,
+        "peer_allreduce": ps.tp_group is not None and peer_all_reduce_for(ps.tp_group) is not None,
         "env": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(dev) if ctx.cuda else "cpu",
                 "cuda": torch.version.cuda, "triton": getattr(kernels_mod.triton, "__version__", None)},
     })
@@ -919,6 +1023,10 @@ def main():
         table(ctx)
         if args.compile != "off" and ctx.cuda and ctx.left() > args.compile_min_s:
             compile_bench(ctx, model, stepper, p.to(dev), args.steps, args.compile)
+    ctx.result["decode_matmul_choice"] = {  # per weight shape: cuBLAS or the skinny kernel, and the timings
+        "choices": {f"M{k[0]} N{k[1][0]} K{k[1][1]} {str(k[3])[6:]}{' relu2' if k[4] else ''}":
+                    (str(v) if v else "cublas") for k, v in kernels_mod._skinny_choice.items()},
+        "timings_ms": kernels_mod.skinny_timings}
     ctx.result["elapsed_s"] = time.perf_counter() - T0
     ctx.save()
     if ctx.rank0:
