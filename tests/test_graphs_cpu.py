@@ -1,8 +1,10 @@
 """The CUDA-graph decode path off CUDA: its fallbacks, its buckets, and the fused step's math against the model.
 
 The graphs themselves need a GPU (scripts/benchmark.py checks graph replay against eager there). Here:
-* the engine falls back to eager decode on CPU and under pipeline parallelism, with unchanged results;
-* the fused decode step (torch fallbacks of the fused ops) equals `NemotronModel` decode within 1e-5;
+* the engine falls back to eager decode on CPU, with unchanged results;
+* the fused decode step (torch fallbacks of the fused ops) equals `NemotronModel` decode within 1e-5, and so does
+  `DecodeGraphs.run` with capture=False (static buffers, bucket padding); under pipeline parallelism see
+  test_graphs_pp.py;
 * where Triton is installed, its kernels run in the interpreter (TRITON_INTERPRET=1, subprocess) and equal the
   torch fallbacks.
 """
@@ -36,14 +38,18 @@ def test_buckets():
         assert k <= s and (s - k < 64 or (s - k) * 4 < k)
 
 
-def test_graphs_refuse_cpu_and_pipeline(tiny_model, tiny_cfg):
+def test_graphs_refuse_cpu_but_not_pipeline(tiny_model, tiny_cfg):
     ok, why = DecodeGraphs.supported(tiny_model)
     assert not ok and "cpu" in why
     with pytest.raises(ValueError):
         DecodeGraphs(tiny_model)
-    pp_model = NemotronModel(tiny_cfg, ParallelState(pp_size=2, rank=0))
-    with pytest.raises(ValueError):
-        FusedDecoder(pp_model)
+    assert DecodeGraphs(tiny_model, capture=False).capture is False  # uncaptured: no CUDA needed
+    # A pipeline stage's step covers its own layers; only the last stage has a final LayerNorm.
+    first = FusedDecoder(NemotronModel(tiny_cfg, ParallelState(pp_size=2, rank=0)))
+    last = FusedDecoder(NemotronModel(tiny_cfg, ParallelState(pp_size=2, rank=1)))
+    assert len(first.layers) == len(last.layers) == tiny_cfg.num_layers // 2
+    assert (first.first, first.last, last.first, last.last) == (True, False, False, True)
+    assert len(first._norm_weights) + 1 == len(last._norm_weights)
 
 
 def test_engine_on_cpu_decodes_eagerly(tiny_model, tiny_tokenizer):
@@ -87,6 +93,32 @@ def _decode_logits_both_ways(model, cfg, batch, steps, seed=0):
 @torch.inference_mode()
 def test_fused_decode_equals_model_decode(tiny_model, tiny_cfg):
     assert _decode_logits_both_ways(tiny_model, tiny_cfg, batch=3, steps=5) < 1e-5
+
+
+@torch.inference_mode()
+def test_uncaptured_graph_run_equals_model_decode(tiny_model, tiny_cfg):
+    """`run`'s own path (static buffers, 3 rows padded to bucket 4) against forward_logits on another cache."""
+    graphs = DecodeGraphs(tiny_model, capture=False)
+    g = torch.Generator().manual_seed(1)
+    lengths = [4, 9, 2]
+    ref_cache, cache = tiny_model.new_cache(graphs.slots_for(3), 64), tiny_model.new_cache(graphs.slots_for(3), 64)
+    assert cache.num_slots == 4
+    for b, n in enumerate(lengths):
+        toks = torch.randint(0, tiny_cfg.padded_vocab_size, (1, n), generator=g)
+        for c in (ref_cache, cache):
+            forward_logits(tiny_model, toks, Batch(torch.arange(n).view(1, n), torch.tensor([b]), kv_len=n), c)
+    pos = list(lengths)
+    for B in (3, 3, 2, 3):
+        tokens = torch.randint(0, tiny_cfg.padded_vocab_size, (B,), generator=g)
+        kv = max(pos[:B]) + 1
+        ref = forward_logits(tiny_model, tokens.view(B, 1), Batch(torch.tensor(pos[:B]).view(B, 1), slice(0, B),
+                                                                  kv_len=kv, from_start=False), ref_cache)
+        got = graphs.run(tokens, pos[:B], kv, cache)
+        assert got.shape == (B, tiny_cfg.padded_vocab_size)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        pos[:B] = [p + 1 for p in pos[:B]]
+    torch.testing.assert_close(cache.k[:, :3], ref_cache.k[:, :3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.v[:, :3], ref_cache.v[:, :3], rtol=1e-5, atol=1e-5)
 
 
 def test_fused_gamma_cache_follows_weight_updates(tiny_cfg, tiny_state):

@@ -62,8 +62,9 @@ class StopRule:
 class Engine:
     def __init__(self, model: NemotronModel, tokenizer: Tokenizer, max_slots: int = 128,
                  cuda_graphs: Optional[bool] = None):
-        """cuda_graphs: decode through captured CUDA graphs (nemotron.engine.graphs). None means on when the
-        model is on CUDA with one pipeline stage, unless NEMOTRON_CUDA_GRAPHS=0; elsewhere decode is eager."""
+        """cuda_graphs: decode through captured CUDA graphs (nemotron.engine.graphs; one per stage under
+        pipeline parallelism). None means on when the model is on CUDA, unless NEMOTRON_CUDA_GRAPHS=0; elsewhere
+        decode is eager. Every rank must make the same choice: the graph and eager paths are separate protocols."""
         self.model, self.tokenizer, self.ps = model, tokenizer, model.ps
         self.cfg = model.cfg
         self.max_slots = max_slots
@@ -207,6 +208,8 @@ class Engine:
             # Decode: feed every row its newest token at its own position.
             pos_list = [len(r) - 1 for r in rows]
             kv_len = max(pos_list) + 1
+            # Same branch on every rank (same B, same graphs setting); under PP the graph path passes hidden
+            # states between stages like forward_logits and returns None off the last stage.
             if self.graphs is not None and self.graphs.handles(B):
                 logits = self.graphs.run(step_out[0], pos_list, kv_len, cache)
             else:

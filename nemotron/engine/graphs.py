@@ -1,4 +1,4 @@
-"""CUDA-graph decode: one captured, fused decode step per (batch bucket, KV-length bucket).
+"""CUDA-graph decode: one captured, fused decode step per (batch bucket, KV-length bucket) and pipeline stage.
 
 A decode step feeds each of n rows its newest token ([n] ids at [n] positions, rows = cache slots 0..n-1) and
 returns float32 logits [n, V]. Eagerly that is ~25 kernels per layer, most of them tiny (RoPE alone is a dozen),
@@ -15,9 +15,15 @@ so on an H100 the launch gaps cost as much as reading the weights. Here the step
 Rows beyond the real batch (up to the bucket) are padding: token 0 at position 0 of slots the request does not
 use, so the engine allocates its cache with `slots_for(B)` slots.
 
-Tensor parallelism works (the NCCL all-reduce / all-gather are captured in the graph). Pipeline parallelism does
-not: the stage send/recv is not captured, so under PP>1 `supported` says no and the engine decodes eagerly.
-Off CUDA (or without Triton) the fused ops fall back to plain torch, which is how the CPU tests check the math.
+Tensor parallelism works (the NCCL all-reduce / all-gather are captured in the graph). Under pipeline parallelism
+each stage captures its own layers: the first stage starts from token ids, the others from a static hidden-state
+input [n, h]; the last stage ends in logits, the others in a static hidden-state output [n, h]. The stage-to-stage
+hop is not captured: between replays, `run` receives the previous stage's hidden states into the input buffer
+and sends the output buffer on to the next stage (eager p2p, one hop per stage per step, ordered with the
+replays by the current stream). All stages use the same bucket, so padding rows travel along.
+Off CUDA (or without Triton) the fused ops fall back to plain torch, which is how the CPU tests check the math;
+`DecodeGraphs(capture=False)` runs the same `run` protocol with the step called directly, so the CPU tests also
+cover the stage protocol under gloo.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from nemotron.engine.kernels import add_layer_norm, relu_squared, rope_to_cache
@@ -60,22 +67,24 @@ def _version(t: torch.Tensor) -> int:
 # --- The fused decode step -----------------------------------------------------------------------------------
 
 class FusedDecoder:
-    """Decode step over slots 0..n-1 of a KV cache: [n] tokens at [n] positions -> float32 logits [n, V].
+    """Decode step of this pipeline stage over slots 0..n-1 of its KV cache.
 
-    Same parameters and same math as `NemotronModel.forward` + `forward_logits` (single pipeline stage), with
-    fused kernels. `num_layers` runs only the first layers (the benchmark's per-layer cost).
+    Input: token ids [n] on the first stage, the previous stage's hidden states [n, h] (model dtype) on the
+    others; positions [n]. Output: float32 logits [n, V] on the last stage, hidden states [n, h] for the next
+    stage on the others. Same parameters and same math as `NemotronModel.forward` + `forward_logits`, with fused
+    kernels. `num_layers` runs only the stage's first layers (the benchmark's per-layer cost).
     """
 
     def __init__(self, model: NemotronModel, num_layers: Optional[int] = None):
-        if model.ps.pp_size > 1:
-            raise ValueError("the fused decode step covers a whole model (pipeline_model_parallel_size == 1)")
         self.model = model
-        self.layers = list(model.decoder.layers)[:num_layers]
+        self.first, self.last = model.ps.is_first_stage, model.ps.is_last_stage
+        self.layers = list(model.decoder.layers)[:num_layers]  # this stage's layers only (model.py)
         self._gammas: Dict[int, Tuple[int, torch.Tensor, torch.Tensor]] = {}
         norms = []
         for layer in self.layers:
             norms += [layer.self_attention.linear_qkv.layer_norm_weight, layer.mlp.linear_fc1.layer_norm_weight]
-        norms.append(model.decoder.final_layernorm.weight)
+        if self.last:
+            norms.append(model.decoder.final_layernorm.weight)
         self._norm_weights = norms
 
     def weights_version(self) -> int:
@@ -95,32 +104,30 @@ class FusedDecoder:
         self._gammas[id(weight)] = (_version(weight), weight, g)
         return g
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int,
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: token ids [n] (first stage) or hidden states [n, h]; out: where to write the result (logits [n, V]
+        float32 on the last stage, hidden [n, h] on the others), else a new tensor."""
         m = self.model
-        n = tokens.shape[0]
-        x = m.embedding.word_embeddings(tokens.view(n, 1)).view(n, -1)
+        n = positions.shape[0]
+        if self.first:
+            x = m.embedding.word_embeddings(x.view(n, 1)).view(n, -1)
         cos, sin = m.rotary(positions.view(n, 1), x.dtype)  # [n, 1, 1, r]
         r = cos.shape[-1]
         cos, sin = cos.reshape(n, r), sin.reshape(n, r)
         key_pos = torch.arange(kv_len, device=x.device)
         mask = torch.zeros(n, 1, 1, kv_len, dtype=x.dtype, device=x.device)
         mask.masked_fill_(key_pos.view(1, 1, 1, -1) > positions.view(n, 1, 1, 1), float("-inf"))
+        # The residual stream is kept as (resid, delta): the next add+LayerNorm adds them.
         resid, delta = x, None
         for i, layer in enumerate(self.layers):
-            att, mlp = layer.self_attention, layer.mlp
-            qkv_lin, fc1 = att.linear_qkv, mlp.linear_fc1
-            resid, h = add_layer_norm(resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
-                                      qkv_lin.layer_norm_bias, qkv_lin.eps)
-            qkv = F.linear(h, qkv_lin.weight)
-            ck, cv = cache.k[i], cache.v[i]
-            q = rope_to_cache(qkv, cos, sin, positions, ck, cv, att.groups, att.heads_per_group, att.head_dim)
-            # GQA without repeats: a group's query heads are the "query length" of one attention over its keys.
-            o = F.scaled_dot_product_attention(q, ck[:n, :, :kv_len], cv[:n, :, :kv_len], attn_mask=mask)
-            delta = att.linear_proj(o.reshape(n, -1))
-            resid, h = add_layer_norm(resid, delta, self.gamma(fc1.layer_norm_weight, fc1.zero_centered_gamma),
-                                      fc1.layer_norm_bias, fc1.eps)
-            delta = mlp.linear_fc2(relu_squared(F.linear(h, fc1.weight)))
+            resid, delta = self._layer(i, layer, resid, delta, cos, sin, positions, cache, kv_len, mask, n)
+        if not self.last:
+            # The hidden state eager sends on: x + mlp(x), one rounding in the activation dtype (what the
+            # add+LayerNorm kernel stores as its sum).
+            if out is None:
+                return resid if delta is None else resid + delta
+            return out.copy_(resid) if delta is None else torch.add(resid, delta, out=out)
         fin = m.decoder.final_layernorm
         _, h = add_layer_norm(resid, delta, self.gamma(fin.weight, fin.zero_centered), fin.bias, fin.eps)
         logits = all_gather_last_dim(F.linear(h, m.output_layer.weight), m.ps.tp_group)
@@ -129,25 +136,51 @@ class FusedDecoder:
         out.copy_(logits)
         return out
 
+    def _layer(self, i: int, layer, resid: torch.Tensor, delta: Optional[torch.Tensor], cos: torch.Tensor,
+               sin: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int, mask: torch.Tensor,
+               n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Local layer i: resid, delta [n, h] (delta None before the first layer) -> the next (resid, delta);
+        writes the rows' keys/values into cache slots 0..n-1 at `positions`."""
+        att, mlp = layer.self_attention, layer.mlp
+        qkv_lin, fc1 = att.linear_qkv, mlp.linear_fc1
+        resid, h = add_layer_norm(resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
+                                  qkv_lin.layer_norm_bias, qkv_lin.eps)
+        qkv = F.linear(h, qkv_lin.weight)
+        ck, cv = cache.k[i], cache.v[i]
+        q = rope_to_cache(qkv, cos, sin, positions, ck, cv, att.groups, att.heads_per_group, att.head_dim)
+        # GQA without repeats: a group's query heads are the "query length" of one attention over its keys.
+        o = F.scaled_dot_product_attention(q, ck[:n, :, :kv_len], cv[:n, :, :kv_len], attn_mask=mask)
+        delta = att.linear_proj(o.reshape(n, -1))
+        resid, h = add_layer_norm(resid, delta, self.gamma(fc1.layer_norm_weight, fc1.zero_centered_gamma),
+                                  fc1.layer_norm_bias, fc1.eps)
+        delta = mlp.linear_fc2(relu_squared(F.linear(h, fc1.weight)))
+        return resid, delta
+
 
 # --- Graphs --------------------------------------------------------------------------------------------------
 
 @dataclass
 class _Static:
-    tokens: torch.Tensor     # [n] int64
     positions: torch.Tensor  # [n] int64
-    out: torch.Tensor        # [n, V] float32, shared by the bucket's KV-length graphs
+    inp: torch.Tensor        # first stage: token ids [n] int64; other stages: received hidden states [n, h]
+    out: torch.Tensor        # last stage: logits [n, V] float32; other stages: hidden states to send [n, h];
+                             # both shared by the bucket's KV-length graphs
 
 
 class DecodeGraphs:
-    """Lazily captured CUDA graphs of `FusedDecoder` per (batch bucket, KV bucket), replayed by `run`."""
+    """Lazily captured CUDA graphs of this stage's `FusedDecoder` per (batch bucket, KV bucket), replayed by `run`.
+
+    capture=False runs the same protocol (static buffers, stage send/recv) with the step called directly instead
+    of captured and replayed: no CUDA needed, so it is how the CPU tests check `run` under pipeline parallelism.
+    """
 
     def __init__(self, model: NemotronModel, buckets: Sequence[int] = BATCH_BUCKETS,
-                 num_layers: Optional[int] = None):
-        ok, why = self.supported(model)
-        if not ok:
-            raise ValueError(f"CUDA-graph decode unavailable: {why}")
-        self.model = model
+                 num_layers: Optional[int] = None, capture: bool = True):
+        if capture:
+            ok, why = self.supported(model)
+            if not ok:
+                raise ValueError(f"CUDA-graph decode unavailable: {why}")
+        self.model, self.ps, self.capture = model, model.ps, capture
         self.device = next(model.parameters()).device
         self.decoder = FusedDecoder(model, num_layers)
         self.buckets = tuple(sorted(buckets))
@@ -163,9 +196,6 @@ class DecodeGraphs:
         device = next(model.parameters()).device
         if device.type != "cuda":
             return False, f"the model is on {device.type}, not CUDA"
-        if model.ps.pp_size > 1:
-            return False, ("pipeline parallelism: the stage-to-stage send/recv is not captured, so decode runs "
-                           "eagerly under PP>1")
         return True, ""
 
     def bucket(self, n: int) -> Optional[int]:
@@ -186,11 +216,25 @@ class DecodeGraphs:
         self._cache = None
         self.decoder._gammas.clear()
 
+    def _new_static(self, n: int) -> _Static:
+        cfg, dev, dtype = self.model.cfg, self.device, self.model.dtype
+        if self.ps.is_first_stage:
+            inp = torch.zeros(n, dtype=torch.long, device=dev)
+        else:
+            inp = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=dev)
+        if self.ps.is_last_stage:
+            out = torch.zeros(n, cfg.padded_vocab_size, dtype=torch.float32, device=dev)
+        else:
+            out = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=dev)
+        return _Static(torch.zeros(n, dtype=torch.long, device=dev), inp, out)
+
     @torch.inference_mode()
     def run(self, tokens: torch.Tensor, positions: Union[torch.Tensor, List[int]], kv_len: int,
-            cache: KVCache) -> torch.Tensor:
-        """tokens [B] (or [B, 1]) on the device, positions [B] (tensor on the device, or a list); every position
-        < kv_len. Returns float32 logits [B, V]: a view of the graph's output, valid until the next run."""
+            cache: KVCache) -> Optional[torch.Tensor]:
+        """Every rank calls this with the same batch: tokens [B] (or [B, 1]) on the device (read on the first
+        stage only), positions [B] (tensor on the device, or a list); every position < kv_len. Returns float32
+        logits [B, V] on the last stage (a view of the graph's output, valid until the next run), None on the
+        other stages (as `forward_logits`)."""
         tokens = tokens.view(-1)
         B = tokens.shape[0]
         n = self.bucket(B)
@@ -205,36 +249,46 @@ class DecodeGraphs:
         S = kv_bucket(kv_len, cache.max_seq)
         st = self._static.get(n)
         if st is None:
-            V = self.model.cfg.padded_vocab_size
-            st = _Static(torch.zeros(n, dtype=torch.long, device=self.device),
-                         torch.zeros(n, dtype=torch.long, device=self.device),
-                         torch.zeros(n, V, dtype=torch.float32, device=self.device))
-            self._static[n] = st
-        st.tokens[:B].copy_(tokens)
+            st = self._static[n] = self._new_static(n)
         if not isinstance(positions, torch.Tensor):
             positions = torch.tensor(positions, dtype=torch.long)
+        # Every stage pads the same way, so padding rows line up with the hidden states they receive.
         st.positions[:B].copy_(positions.view(-1))
         if B < n:  # padding rows: token 0 at position 0 of the spare slots
-            st.tokens[B:].zero_()
             st.positions[B:].zero_()
-        graph = self._graphs.get((n, S))
-        if graph is None:
-            graph = self._capture(n, S, st, cache)
-        graph.replay()
+        ps = self.ps
+        if ps.is_first_stage:
+            st.inp[:B].copy_(tokens)
+            if B < n:
+                st.inp[B:].zero_()
+        else:  # the whole bucket [n, h], padding rows included: every stage runs the same shapes
+            dist.recv(st.inp, src=ps.stage_rank(ps.pp_rank - 1))
+        if not self.capture:
+            self.decoder(st.inp, st.positions, cache, S, out=st.out)
+        else:
+            graph = self._graphs.get((n, S))
+            if graph is None:
+                graph = self._capture(n, S, st, cache)
+            graph.replay()
+        if not ps.is_last_stage:
+            dist.send(st.out, dst=ps.stage_rank(ps.pp_rank + 1))
+            return None
         return st.out[:B]
 
     def _capture(self, n: int, S: int, st: _Static, cache: KVCache) -> torch.cuda.CUDAGraph:
+        """Capture (n, S) on this stage. No p2p inside: the step reads st.inp and writes st.out only, so the
+        stages capture independently (the TP collectives in it are within the stage)."""
         t0 = time.perf_counter()
         main = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):  # warm up: Triton compiles, cuBLAS/NCCL set up, gammas cached
             for _ in range(2):
-                self.decoder(st.tokens, st.positions, cache, S, out=st.out)
+                self.decoder(st.inp, st.positions, cache, S, out=st.out)
         main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self.decoder(st.tokens, st.positions, cache, S, out=st.out)
+            self.decoder(st.inp, st.positions, cache, S, out=st.out)
         if self._pool is None:
             self._pool = graph.pool()
         self._graphs[(n, S)] = graph

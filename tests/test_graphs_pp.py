@@ -1,0 +1,71 @@
+"""Graph decode under pipeline parallelism with real processes (torchrun, gloo): the stage protocol of
+`DecodeGraphs.run` (hidden states received into the bucket's static input, sent from its static output) run
+uncaptured (capture=False) equals `forward_logits`, and the engine on that path equals the eager engine.
+
+The captured graphs themselves need a GPU; what differs there is only replay instead of a direct call.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_parallel import free_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_worker(tmp_path, tp, pp):
+    out = str(tmp_path / f"graphs-tp{tp}pp{pp}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp * pp}",
+           f"--master-port={free_port()}", os.path.join(HERE, "graphs_pp_worker.py"), str(tp), str(pp), out]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # kill torchrun *and* its workers
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    ranks = []
+    for path in sorted(glob.glob(out + ".rank*.json")):
+        with open(path) as f:
+            ranks.append(json.load(f))
+    assert len(ranks) == tp * pp
+    return sorted(ranks, key=lambda r: r["rank"])
+
+
+def check_layout(ranks):
+    for r in ranks:
+        steps = r["steps"]
+        assert steps["steps"] == 8
+        # Slots 0..2 hold the same keys/values on every stage (each stage writes its own layers' cache).
+        assert steps["cache_k"] <= 1e-5 and steps["cache_v"] <= 1e-5, (r["rank"], steps)
+        assert steps["cache_slots"] == 4  # slots_for(3): bucket 4, the padding row uses slot 3
+        assert r["engine"]["graph_cache_slots"] == 4
+        if r["last_stage"]:
+            assert steps["worst_logits"] <= 1e-5, f"rank {r['rank']}: graph-path logits off by {steps['worst_logits']}"
+            assert steps["shapes"][0] == [3, 512] and steps["shapes"][5] == [1, 512]
+        else:
+            assert steps["none_off_last"], f"rank {r['rank']}: a non-last stage got logits"
+    eng = ranks[0]["engine"]
+    for eager, graph in zip(eng["eager"], eng["graph"]):
+        assert graph["token_ids"] == eager["token_ids"]
+        for g, e in zip(graph["logprob"] or [], eager["logprob"] or []):  # rows differ in length
+            torch.testing.assert_close(torch.tensor(g), torch.tensor(e), atol=1e-5, rtol=1e-5)
+    assert eng["eager"][1]["logprob"] is not None  # the sampled request did carry log-probs to rank 0
+
+
+def test_pp2_graph_protocol_equals_eager(tmp_path):
+    check_layout(run_worker(tmp_path, 1, 2))
+
+
+@pytest.mark.slow
+def test_tp2_pp2_graph_protocol_equals_eager(tmp_path):
+    check_layout(run_worker(tmp_path, 2, 2))
