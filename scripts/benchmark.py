@@ -47,7 +47,7 @@ from nemotron.checkpoint.shards import shard_specs  # noqa: E402
 from nemotron.config import PRESETS, ModelConfig, to_hf_config  # noqa: E402
 from nemotron.engine import kernels as kernels_mod  # noqa: E402
 from nemotron.engine.forward import forward_logits  # noqa: E402
-from nemotron.engine.graphs import DecodeGraphs, FusedDecoder, batch_bucket, kv_bucket  # noqa: E402
+from nemotron.engine.graphs import DecodeGraphs, batch_bucket  # noqa: E402
 from nemotron.model import Batch, NemotronModel  # noqa: E402
 from nemotron.parallel.peer_allreduce import (disable_peer_all_reduce, enable_peer_all_reduce,  # noqa: E402
                                                peer_all_reduce_for)
@@ -213,7 +213,8 @@ class Stepper:
 
     def __init__(self, model: NemotronModel, cache, num_layers=None):
         self.model, self.cache = model, cache
-        self.fused = FusedDecoder(model, num_layers)
+        # the fused step without graphs: the same `run` protocol (stage hops under PP), called directly
+        self.fused = DecodeGraphs(model, num_layers=num_layers, capture=False)
         self.graphs = DecodeGraphs(model, num_layers=num_layers) if DecodeGraphs.supported(model)[0] else None
 
     def eager(self, tokens, positions, kv_len):
@@ -222,7 +223,7 @@ class Stepper:
         return forward_logits(self.model, tokens.view(n, 1), batch, self.cache, positions="last")
 
     def fused_step(self, tokens, positions, kv_len):
-        return self.fused(tokens, positions, self.cache, kv_bucket(kv_len, self.cache.max_seq))
+        return self.fused.run(tokens, positions, kv_len, self.cache)
 
     def graph(self, tokens, positions, kv_len):
         if self.graphs is None:  # CPU: the harness runs, the label says what ran
@@ -685,7 +686,7 @@ def extrapolate(ctx: Ctx):
     eager = slope.get("eager_per_layer_ms")
     if eager:
         e8 = eager  # launch-bound: does not shrink with the shard
-        lines.append(f"eager (what PP>1 runs today: graphs are off under PP): per layer {eager:.4f} ms at TP{tp}, "
+        lines.append(f"eager, for comparison (no graphs): per layer {eager:.4f} ms at TP{tp}, "
                      f"launch-bound so taken unchanged at TP8 -> {L} x {e8:.4f} + {slope.get('eager_fixed_ms', 0):.4f}"
                      f" + {hop} = {L * e8 + slope.get('eager_fixed_ms', 0) + hop:.1f} ms -> "
                      f"{1e3 / (L * e8 + slope.get('eager_fixed_ms', 0) + hop):.1f} tok/s")
@@ -730,6 +731,53 @@ def decode_suite(ctx: Ctx, model, cache):
     guarded(ctx, "allreduce", allreduce_latency, ctx, cfg.hidden_size)
     if a.extrapolate:
         extrapolate(ctx)
+    ctx.save()
+
+
+@torch.inference_mode()
+def kernels_suite(ctx: Ctx, cfg: ModelConfig):
+    """The decode kernels alone at this shape (no model), each timed inside a CUDA graph as a decode step runs
+    them: skinny matmul configs vs cuBLAS per weight matrix, decode attention vs masked SDPA; GB/s of bytes read."""
+    dev, res = ctx.dev, {}
+    h, f, V = cfg.hidden_size, cfg.ffn_hidden_size, cfg.padded_vocab_size
+    hn = cfg.kv_channels or h // cfg.num_attention_heads
+    ng, hpg = cfg.num_query_groups, cfg.num_attention_heads // cfg.num_query_groups
+    shapes = {"qkv": (ng * (hpg + 2) * hn, h), "proj": (h, hpg * ng * hn), "fc1": (f, h), "fc2": (h, f),
+              "output": (V, h)}
+    for name, (N, K) in shapes.items():
+        w = torch.randn(N, K, dtype=torch.bfloat16, device=dev) * 0.02
+        for M in (1, 8, 16):
+            x = torch.randn(M, K, dtype=torch.bfloat16, device=dev)
+            y = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
+            t = {"cublas": kernels_mod.graph_time_ms(lambda: F.linear(x, w))}
+            for c in kernels_mod.SKINNY_CONFIGS:
+                t[str(c)] = kernels_mod.graph_time_ms(lambda: kernels_mod._skinny_launch(x, w, y, False, c))
+            best = min(t, key=t.get)
+            res[f"mm_{name}_M{M}"] = {"N": N, "K": K, "ms": t, "best": best,
+                                      "best_GBps": N * K * 2 / (t[best] * 1e-3) / 1e9,
+                                      "cublas_GBps": N * K * 2 / (t["cublas"] * 1e-3) / 1e9}
+            ctx.log(f"mm {name} M{M}: cublas {res[f'mm_{name}_M{M}']['cublas_GBps']:.0f} GB/s, best {best} "
+                    f"{res[f'mm_{name}_M{M}']['best_GBps']:.0f} GB/s")
+        del w
+    for n, kv in ((1, 256), (8, 256), (64, 256), (128, 256), (128, 1024), (1, 4096)):
+        S = kv
+        ck = torch.randn(n, ng, S, hn, dtype=torch.bfloat16, device=dev)
+        cv = torch.randn_like(ck)
+        q = torch.randn(n, ng, hpg, hn, dtype=torch.bfloat16, device=dev)
+        pos = torch.full((n,), kv - 1, device=dev)
+        t = {}
+        for force in (True, False):
+            kernels_mod.FORCE_TORCH = force
+            t["sdpa" if force else "triton"] = kernels_mod.graph_time_ms(
+                lambda: kernels_mod.decode_attention(q, ck, cv, pos, kv))
+        kernels_mod.FORCE_TORCH = False
+        kv_bytes = 2 * n * ng * kv * hn * 2
+        res[f"attn_b{n}_kv{kv}"] = {"ms": t, "kv_bytes": kv_bytes,
+                                    **{f"{k}_GBps": kv_bytes / (v * 1e-3) / 1e9 for k, v in t.items()}}
+        ctx.log(f"attention b{n} kv{kv}:", {k: round(v, 4) for k, v in t.items()},
+                f"triton {res[f'attn_b{n}_kv{kv}']['triton_GBps']:.0f} GB/s")
+    res["attention_config_timings_ms"] = kernels_mod.attn_timings
+    ctx.result["kernels"] = res
     ctx.save()
 
 
@@ -849,7 +897,7 @@ def plot(ctx: Ctx, path: str):
 
 def table(ctx: Ctx):
     r = ctx.result
-    print("\n==== summary", r.get("preset"), "layers", r.get("num_layers"), "TP", ctx.ps.tp_size, "|",
+    print("\n==== summary", r.get("preset"), "layers", r.get("num_layers"), "TP", ctx.ps.tp_size, "PP", ctx.ps.pp_size, "|",
           r.get("env", {}).get("gpu"), "====")
     if "roofline" in r and r["roofline"].get("copy_GBps"):
         print(f"copy {r['roofline']['copy_GBps']:.0f} GB/s  matmul {r['roofline']['matmul_TFLOPs']:.0f} TFLOP/s")
@@ -942,7 +990,7 @@ def main():
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (processes under torchrun = tp x pp)")
     ap.add_argument("--allreduce", choices=("peer", "nccl", "both"), default="both",
                     help="TP decode all-reduces: through the peers' memory, NCCL, or time both (decode suite)")
-    ap.add_argument("--suite", choices=("full", "decode"), default="full",
+    ap.add_argument("--suite", choices=("full", "decode", "kernels"), default="full",
                     help="full: roofline, correctness, HF peer, decode, prefill (one GPU); decode: TP scaling")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--batches", default="1,8,64,128")
@@ -984,6 +1032,9 @@ def main():
     })
     dtype = torch.bfloat16
     measure_roofline(ctx)
+    if args.suite == "kernels":
+        kernels_suite(ctx, cfg)
+        return
     t = time.perf_counter()
     model = NemotronModel(cfg, ps, dtype=dtype, device=dev).eval()
     fill_seeded(model, args.seed, args.std)
@@ -1027,6 +1078,8 @@ def main():
         "choices": {f"M{k[0]} N{k[1][0]} K{k[1][1]} {str(k[3])[6:]}{' relu2' if k[4] else ''}":
                     (str(v) if v else "cublas") for k, v in kernels_mod._skinny_choice.items()},
         "timings_ms": kernels_mod.skinny_timings}
+    ctx.result["decode_attention_choice"] = {"choices": {str(k[:5]): str(v) for k, v in kernels_mod._attn_choice.items()},
+                                             "timings_ms": kernels_mod.attn_timings}
     ctx.result["elapsed_s"] = time.perf_counter() - T0
     ctx.save()
     if ctx.rank0:

@@ -5,9 +5,12 @@ returns float32 logits [n, V]. Eagerly that is ~25 kernels per layer, most of th
 so on an H100 the launch gaps cost as much as reading the weights. Here the step is
 
 * fused: per layer `add+LayerNorm1p` (Triton) -> QKV matmul -> `RoPE + cache write + q layout` (Triton) ->
-  SDPA over the cache prefix with the query heads of a group folded into the query length (GQA without
-  materialising repeated K/V) -> proj matmul (+TP all-reduce) -> `add+LayerNorm1p` -> fc1 -> `relu^2` (Triton)
-  -> fc2 (+TP all-reduce); LayerNorm1p's `gamma = weight + 1` is computed once per weight version, not per step;
+  decode attention (Triton: a group's query heads against its cached keys, each row only up to its own
+  position, split over the keys when rows are few) -> proj matmul (+TP all-reduce) -> `add+LayerNorm1p` ->
+  fc1 with relu^2 -> fc2 (+TP all-reduce). The matmuls (`decode_linear`) run cuBLAS or a skinny Triton kernel,
+  whichever was faster for that weight on first use; under TP their partial sums stay float32 through the
+  all-reduce (through the peers' memory for small messages) and the next add+LayerNorm rounds them once.
+  LayerNorm1p's `gamma = weight + 1` is computed once per weight version, not per step;
 * captured in a CUDA graph per batch bucket (1, 2, 4, ... 128) and KV bucket (the keys read are rounded up to a
   multiple of 64..512, never the whole cache), lazily on first use, all graphs sharing one memory pool; a replay
   only copies the step's token ids and positions into the graph's static inputs.
@@ -15,7 +18,7 @@ so on an H100 the launch gaps cost as much as reading the weights. Here the step
 Rows beyond the real batch (up to the bucket) are padding: token 0 at position 0 of slots the request does not
 use, so the engine allocates its cache with `slots_for(B)` slots.
 
-Tensor parallelism works (the NCCL all-reduce / all-gather are captured in the graph). Under pipeline parallelism
+Tensor parallelism works (the all-reduces / all-gather are captured in the graph). Under pipeline parallelism
 each stage captures its own layers: the first stage starts from token ids, the others from a static hidden-state
 input [n, h]; the last stage ends in logits, the others in a static hidden-state output [n, h]. The stage-to-stage
 hop is not captured: between replays, `run` receives the previous stage's hidden states into the input buffer
@@ -33,11 +36,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from nemotron.engine.kernels import add_layer_norm, relu_squared, rope_to_cache
+from nemotron.engine.kernels import add_layer_norm, decode_attention, decode_linear, rope_to_cache
 from nemotron.model import KVCache, NemotronModel
-from nemotron.parallel.layers import all_gather_last_dim
+from nemotron.parallel.layers import all_gather_last_dim, all_reduce
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -115,46 +117,51 @@ class FusedDecoder:
         cos, sin = m.rotary(positions.view(n, 1), x.dtype)  # [n, 1, 1, r]
         r = cos.shape[-1]
         cos, sin = cos.reshape(n, r), sin.reshape(n, r)
-        key_pos = torch.arange(kv_len, device=x.device)
-        mask = torch.zeros(n, 1, 1, kv_len, dtype=x.dtype, device=x.device)
-        mask.masked_fill_(key_pos.view(1, 1, 1, -1) > positions.view(n, 1, 1, 1), float("-inf"))
         # The residual stream is kept as (resid, delta): the next add+LayerNorm adds them.
         resid, delta = x, None
         for i, layer in enumerate(self.layers):
-            resid, delta = self._layer(i, layer, resid, delta, cos, sin, positions, cache, kv_len, mask, n)
+            resid, delta = self._layer(i, layer, resid, delta, cos, sin, positions, cache, kv_len, n)
         if not self.last:
             # The hidden state eager sends on: x + mlp(x), one rounding in the activation dtype (what the
-            # add+LayerNorm kernel stores as its sum).
+            # add+LayerNorm kernel stores as its sum; a TP delta arrives as a float32 sum, rounded first).
             if out is None:
-                return resid if delta is None else resid + delta
-            return out.copy_(resid) if delta is None else torch.add(resid, delta, out=out)
+                return resid if delta is None else resid + delta.to(resid.dtype)
+            return out.copy_(resid) if delta is None else torch.add(resid, delta.to(resid.dtype), out=out)
         fin = m.decoder.final_layernorm
         _, h = add_layer_norm(resid, delta, self.gamma(fin.weight, fin.zero_centered), fin.bias, fin.eps)
-        logits = all_gather_last_dim(F.linear(h, m.output_layer.weight), m.ps.tp_group)
+        logits = all_gather_last_dim(decode_linear(h, m.output_layer.weight), m.ps.tp_group)
         if out is None:
             return logits.float()
         out.copy_(logits)
         return out
 
     def _layer(self, i: int, layer, resid: torch.Tensor, delta: Optional[torch.Tensor], cos: torch.Tensor,
-               sin: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int, mask: torch.Tensor,
+               sin: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int,
                n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Local layer i: resid, delta [n, h] (delta None before the first layer) -> the next (resid, delta);
-        writes the rows' keys/values into cache slots 0..n-1 at `positions`."""
+        """Local layer i: resid, delta [n, h] (delta None before the first layer; a float32 sum under TP) -> the
+        next (resid, delta); writes the rows' keys/values into cache slots 0..n-1 at `positions`."""
         att, mlp = layer.self_attention, layer.mlp
         qkv_lin, fc1 = att.linear_qkv, mlp.linear_fc1
         resid, h = add_layer_norm(resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
                                   qkv_lin.layer_norm_bias, qkv_lin.eps)
-        qkv = F.linear(h, qkv_lin.weight)
+        qkv = decode_linear(h, qkv_lin.weight)                                  # [n, ng*(hpg+2)*hn]
         ck, cv = cache.k[i], cache.v[i]
         q = rope_to_cache(qkv, cos, sin, positions, ck, cv, att.groups, att.heads_per_group, att.head_dim)
-        # GQA without repeats: a group's query heads are the "query length" of one attention over its keys.
-        o = F.scaled_dot_product_attention(q, ck[:n, :, :kv_len], cv[:n, :, :kv_len], attn_mask=mask)
-        delta = att.linear_proj(o.reshape(n, -1))
+        o = decode_attention(q, ck, cv, positions, kv_len)                      # [n, ng, hpg, hn]
+        delta = self._row_parallel(att.linear_proj, o.reshape(n, -1))
         resid, h = add_layer_norm(resid, delta, self.gamma(fc1.layer_norm_weight, fc1.zero_centered_gamma),
                                   fc1.layer_norm_bias, fc1.eps)
-        delta = mlp.linear_fc2(relu_squared(F.linear(h, fc1.weight)))
+        delta = self._row_parallel(mlp.linear_fc2, decode_linear(h, fc1.weight, relu2=True))
         return resid, delta
+
+    @staticmethod
+    def _row_parallel(lin, x: torch.Tensor) -> torch.Tensor:
+        """RowParallelLinear's math, left unrounded under TP on CUDA: the float32 partial sums are all-reduced
+        and the next add+LayerNorm rounds them once (the eager layer casts right after its all-reduce)."""
+        if lin.group is None:
+            return decode_linear(x, lin.weight)
+        fp32_sum = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        return all_reduce(decode_linear(x, lin.weight, out_dtype=torch.float32 if fp32_sum else None), lin.group)
 
 
 # --- Graphs --------------------------------------------------------------------------------------------------

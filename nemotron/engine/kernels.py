@@ -240,6 +240,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+#: (BLOCK_N keys per iteration, num_warps, num_stages) tried per (shape, KV bucket); the fastest is kept.
+ATTN_CONFIGS = ((64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (32, 4, 2))
+ATTN_CONFIGS_WIDE = ((32, 4, 2), (64, 4, 2), (64, 8, 2), (32, 4, 3))  # head dim > 128 (340B: 192)
+_attn_choice: Dict[Tuple, Tuple[int, int, int]] = {}
+attn_timings: Dict[str, Dict[str, float]] = {}
+
+
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
                      kv_len: int) -> torch.Tensor:
     """q [n, ng, hpg, hn] (row b = cache slot b), cache_k/v [slots, ng, S, hn], positions [n] (row b attends to
@@ -254,9 +261,26 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
         # GQA without repeats: a group's query heads are the "query length" of one attention over its keys.
         return F.scaled_dot_product_attention(q, cache_k[:n, :, :kv_len], cache_v[:n, :, :kv_len], attn_mask=mask)
     assert q.is_contiguous() and cache_k.is_contiguous() and cache_v.is_contiguous()
+    configs = ATTN_CONFIGS if hn <= 128 else ATTN_CONFIGS_WIDE
+    key = (n, ng, hpg, hn, kv_len, q.dtype, q.device)
+    cfg = _attn_choice.get(key)
+    if cfg is None:
+        if not q.is_cuda or torch.cuda.is_current_stream_capturing():
+            cfg = configs[0]  # the interpreter; or a capture without a warm-up (never time inside one)
+        else:
+            times = {c: graph_time_ms(lambda: _attn_launch(q, cache_k, cache_v, positions, kv_len, c))
+                     for c in configs}
+            cfg = min(times, key=times.get)
+            attn_timings[f"n{n} ng{ng} hpg{hpg} hn{hn} kv{kv_len}"] = {str(c): t for c, t in times.items()}
+        _attn_choice[key] = cfg
+    return _attn_launch(q, cache_k, cache_v, positions, kv_len, cfg)
+
+
+def _attn_launch(q, cache_k, cache_v, positions, kv_len, cfg):
+    n, ng, hpg, hn = q.shape
+    block_n, warps, stages = cfg
     block_d = triton.next_power_of_2(hn)
     block_h = max(16, triton.next_power_of_2(hpg))  # tl.dot needs 16 rows
-    block_n = 64 if block_d <= 128 else 32
     # Enough programs to fill the GPU twice over, but no split shorter than one key block.
     splits = max(1, min(triton.cdiv(kv_len, block_n), triton.cdiv(2 * _sm_count(q.device), n * ng)))
     chunk = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
@@ -270,7 +294,7 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     _decode_attn_kernel[(n, ng, splits)](
         q, cache_k, cache_v, positions, out, part, stats, cache_k.stride(0), cache_k.stride(1), hn ** -0.5, chunk,
         HPG=hpg, HN=hn, SPLITS=splits, IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
-        BLOCK_D=block_d, num_warps=4, num_stages=2)
+        BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     if splits > 1:
         _decode_attn_combine[(n * ng,)](part, stats, out, HPG=hpg, HN=hn, SPLITS=splits, BLOCK_H=block_h,
                                         BLOCK_D=block_d, num_warps=4)
@@ -310,7 +334,7 @@ if triton is not None:
 
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per weight shape; the fastest (or cuBLAS) is kept.
 SKINNY_CONFIGS = ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4),
-                  (64, 256, 8, 3))
+                  (64, 256, 8, 3), (32, 512, 4, 3), (16, 1024, 8, 2))
 SKINNY_MAX_ROWS = 16
 _skinny_choice: Dict[Tuple, Optional[Tuple[int, int, int, int]]] = {}
 skinny_timings: Dict[str, Dict[str, float]] = {}  # what the choice was made from (the benchmark records it)
@@ -325,15 +349,27 @@ def _skinny_launch(x, w, y, relu2, cfg):
                                              BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
-def _time_ms(fn, reps: int = 20) -> float:
-    fn()
+def graph_time_ms(fn, reps: int = 20) -> float:
+    """GPU ms per call of fn, replayed from a CUDA graph of `reps` calls: what a captured decode step pays, without
+    the Python launch cost that dominates small kernels when they are timed eagerly."""
+    main = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        fn()  # compile and warm up outside the capture
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for _ in range(reps):
+            fn()
+    graph.replay()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(reps):
-        fn()
+    for _ in range(3):
+        graph.replay()
     stop.record()
     stop.synchronize()
-    return start.elapsed_time(stop) / reps
+    return start.elapsed_time(stop) / (3 * reps)
 
 
 def _pick_skinny(x, w, out_dtype, relu2) -> Optional[Tuple[int, int, int, int]]:
@@ -344,9 +380,9 @@ def _pick_skinny(x, w, out_dtype, relu2) -> Optional[Tuple[int, int, int, int]]:
     if not x.is_cuda:  # Triton's interpreter (CPU tests): always the kernel, first config
         return SKINNY_CONFIGS[0]
     y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
-    times = {"cublas": _time_ms(lambda: _cublas(x, w, out_dtype, relu2))}
+    times = {"cublas": graph_time_ms(lambda: _cublas(x, w, out_dtype, relu2))}
     for cfg in SKINNY_CONFIGS:
-        times[str(cfg)] = _time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
+        times[str(cfg)] = graph_time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
     skinny_timings[f"M{x.shape[0]} N{w.shape[0]} K{w.shape[1]} {str(out_dtype)[6:]}{' relu2' if relu2 else ''}"] = times
     best = min(SKINNY_CONFIGS, key=lambda c: times[str(c)])
     if mode == "triton" or times[str(best)] < times["cublas"]:
