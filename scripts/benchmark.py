@@ -1064,6 +1064,8 @@ def main():
                      variants=("graph", "eager", "fused", "engine"))
         if stepper.graphs is not None:
             ctx.result["graph_captures"] = {"count": stepper.graphs.captures, "seconds": stepper.graphs.capture_s}
+        if args.profile:
+            guarded(ctx, "profile", profile_stage, ctx, model, stepper, args.profile)
         if ctx.left() > 20:
             guarded(ctx, "prefill", prefill_bench, ctx, model, hf, args.prefill)
         del hf
