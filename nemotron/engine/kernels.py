@@ -241,9 +241,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 #: (BLOCK_N keys per iteration, num_warps, num_stages) tried per (shape, KV bucket); the fastest is kept.
-ATTN_CONFIGS = ((64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (32, 4, 2))
-ATTN_CONFIGS_WIDE = ((32, 4, 2), (64, 4, 2), (64, 8, 2), (32, 4, 3))  # head dim > 128 (340B: 192)
-_attn_choice: Dict[Tuple, Tuple[int, int, int]] = {}
+#: A 4th entry of 1 forbids splitting the keys (one kernel, no combine: can win when the keys are few).
+ATTN_CONFIGS = ((64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (32, 4, 2), (64, 4, 2, 1), (128, 4, 2, 1))
+ATTN_CONFIGS_WIDE = ((32, 4, 2), (64, 4, 2), (64, 8, 2), (32, 4, 3), (32, 4, 2, 1), (64, 4, 2, 1))  # hn > 128
+_attn_choice: Dict[Tuple, Tuple[int, ...]] = {}
 attn_timings: Dict[str, Dict[str, float]] = {}
 
 
@@ -278,11 +279,12 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
 
 def _attn_launch(q, cache_k, cache_v, positions, kv_len, cfg):
     n, ng, hpg, hn = q.shape
-    block_n, warps, stages = cfg
+    block_n, warps, stages = cfg[:3]
+    max_splits = cfg[3] if len(cfg) > 3 else 1 << 30
     block_d = triton.next_power_of_2(hn)
     block_h = max(16, triton.next_power_of_2(hpg))  # tl.dot needs 16 rows
     # Enough programs to fill the GPU twice over, but no split shorter than one key block.
-    splits = max(1, min(triton.cdiv(kv_len, block_n), triton.cdiv(2 * _sm_count(q.device), n * ng)))
+    splits = max(1, min(triton.cdiv(kv_len, block_n), triton.cdiv(2 * _sm_count(q.device), n * ng), max_splits))
     chunk = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
     splits = triton.cdiv(kv_len, chunk)
     out = torch.empty_like(q)
@@ -411,7 +413,7 @@ def _cublas(x, w, out_dtype, relu2):
         y = torch.mm(x, w.t(), out_dtype=out_dtype) if x.is_cuda else F.linear(x.float(), w.float()).to(out_dtype)
     else:
         y = F.linear(x, w)
-    return torch.square(F.relu(y)) if relu2 else y
+    return relu_squared(y) if relu2 else y
 
 
 def decode_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
