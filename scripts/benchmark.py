@@ -378,6 +378,21 @@ def check_kernels(ctx: Ctx, model: NemotronModel):
                 kernels_mod._skinny_launch(xm, w, y, False, cfg_)
                 worst = max(worst, float((y.float() - ref).abs().max() / ref.abs().max()))
         out[f"skinny_mm_m{m}_max_rel_diff_vs_fp32_cublas"] = worst
+    # add + LayerNorm inside the matmul (every config, one row) vs the two kernels, at the qkv shape.
+    lin = model.decoder.layers[0].self_attention.linear_qkv
+    x1 = torch.randn(1, cfg.hidden_size, generator=g.manual_seed(10), device=ctx.dev, dtype=torch.bfloat16)
+    d1 = torch.randn(1, cfg.hidden_size, generator=g.manual_seed(11), device=ctx.dev, dtype=torch.float32)
+    gam = lin.layer_norm_weight + 1
+    s_ref, h_ref = kernels_mod.add_layer_norm(x1, d1, gam, lin.layer_norm_bias, lin.eps)
+    ref = torch.mm(h_ref, lin.weight.t(), out_dtype=torch.float32)
+    worst, s_equal = 0.0, True
+    for cfg_ in kernels_mod.SKINNY_CONFIGS:
+        s1, y1 = torch.empty_like(x1), torch.empty(1, lin.weight.shape[0], dtype=torch.bfloat16, device=ctx.dev)
+        kernels_mod._ln_launch(x1, d1, s1, gam, lin.layer_norm_bias, lin.eps, lin.weight, y1, False, cfg_)
+        s_equal &= bool(torch.equal(s1, s_ref))
+        worst = max(worst, float((y1.float() - ref).abs().max() / ref.abs().max()))
+    out["ln_fused_mm_residual_equal"] = s_equal
+    out["ln_fused_mm_max_rel_diff_vs_fp32_cublas"] = worst
     ctx.result["kernel_checks"] = out
     ctx.log("kernel checks (Triton vs torch):", out)
 
@@ -1080,7 +1095,8 @@ def main():
         "choices": {f"M{k[0]} N{k[1][0]} K{k[1][1]} {str(k[3])[6:]}{' relu2' if k[4] else ''}":
                     (str(v) if v else "cublas") for k, v in kernels_mod._skinny_choice.items()},
         "timings_ms": kernels_mod.skinny_timings}
-    ctx.result["decode_attention_choice"] = {"choices": {str(k[:5]): str(v) for k, v in kernels_mod._attn_choice.items()},
+    ctx.result["decode_attention_choice"] = {
+        "choices": {str(k[:5]): str(v) for k, v in kernels_mod._attn_choice.items()},
                                              "timings_ms": kernels_mod.attn_timings}
     ctx.result["elapsed_s"] = time.perf_counter() - T0
     ctx.save()

@@ -2,10 +2,10 @@
 
 * Their plain-torch versions against independent references: attention against a per-row softmax written out
   here, the matmul against float64.
-* Their Triton kernels in Triton's interpreter (TRITON_INTERPRET=1, a subprocess) against the torch versions, in
-  float32 (the interpreter has no bfloat16 matrix product; the GPU benchmark checks bf16 on the card): several
-  KV splits, empty splits, rows of different lengths, head sizes that are not powers of two, the relu^2
-  epilogue and float32 output of bf16-free inputs.
+* Their Triton kernels (and add+LayerNorm fused into the matmul) in Triton's interpreter (TRITON_INTERPRET=1,
+  a subprocess) against the torch versions, in float32 (the interpreter has no bfloat16 matrix product; the GPU
+  benchmark checks bf16 on the card): several KV splits, empty splits, rows of different lengths, head sizes
+  that are not powers of two, the relu^2 epilogue, float32 output and float32 residual deltas.
 """
 import os
 import subprocess
@@ -88,6 +88,20 @@ for M, N, K in [(1, 48, 40), (3, 100, 300), (16, 64, 512)]:
         assert tri.dtype == ref.dtype and tri.shape == (M, N)
         torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-4)
 assert kernels._skinny_choice, "the interpreter ran the skinny kernel"
+
+# add + LayerNorm in the matmul's prologue: one and two rows, with and without the residual delta (bf16-free:
+# a float32 delta is the TP sum, rounded to x's dtype first), relu^2, K not a power of two.
+for M, N, K in [(1, 48, 40), (2, 100, 96)]:
+    x, w = torch.randn(M, K), torch.randn(N, K)
+    g, b = torch.randn(K), torch.randn(K)
+    for delta in (None, torch.randn(M, K)):
+        for relu2 in (False, True):
+            tri, ref = both(lambda: kernels.add_layer_norm_linear(x, delta, g, b, 1e-5, w, relu2))
+            if delta is None:
+                assert tri[0] is x
+            torch.testing.assert_close(tri[0], ref[0], rtol=0, atol=0)
+            torch.testing.assert_close(tri[1], ref[1], rtol=1e-5, atol=1e-4)
+assert kernels._ln_choice and all(v is not None for v in kernels._ln_choice.values()), "the fused kernel ran"
 print("KERNELS-INTERPRET-OK")
 """
 

@@ -4,7 +4,8 @@ A decode step feeds each of n rows its newest token ([n] ids at [n] positions, r
 returns float32 logits [n, V]. Eagerly that is ~25 kernels per layer, most of them tiny (RoPE alone is a dozen),
 so on an H100 the launch gaps cost as much as reading the weights. Here the step is
 
-* fused: per layer `add+LayerNorm1p` (Triton) -> QKV matmul -> `RoPE + cache write + q layout` (Triton) ->
+* fused: per layer `add+LayerNorm1p` (Triton; for one or two rows it runs in the next matmul's prologue) ->
+  QKV matmul -> `RoPE + cache write + q layout` (Triton) ->
   decode attention (Triton: a group's query heads against its cached keys, each row only up to its own
   position, split over the keys when rows are few) -> proj matmul (+TP all-reduce) -> `add+LayerNorm1p` ->
   fc1 with relu^2 -> fc2 (+TP all-reduce). The matmuls (`decode_linear`) run cuBLAS or a skinny Triton kernel,
@@ -37,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from nemotron.engine.kernels import add_layer_norm, decode_attention, decode_linear, rope_to_cache
+from nemotron.engine.kernels import add_layer_norm_linear, decode_attention, decode_linear, rope_to_cache
 from nemotron.model import KVCache, NemotronModel
 from nemotron.parallel.layers import all_gather_last_dim, all_reduce
 
@@ -128,8 +129,9 @@ class FusedDecoder:
                 return resid if delta is None else resid + delta.to(resid.dtype)
             return out.copy_(resid) if delta is None else torch.add(resid, delta.to(resid.dtype), out=out)
         fin = m.decoder.final_layernorm
-        _, h = add_layer_norm(resid, delta, self.gamma(fin.weight, fin.zero_centered), fin.bias, fin.eps)
-        logits = all_gather_last_dim(decode_linear(h, m.output_layer.weight), m.ps.tp_group)
+        _, logits = add_layer_norm_linear(resid, delta, self.gamma(fin.weight, fin.zero_centered), fin.bias,
+                                          fin.eps, m.output_layer.weight)
+        logits = all_gather_last_dim(logits, m.ps.tp_group)
         if out is None:
             return logits.float()
         out.copy_(logits)
@@ -142,16 +144,17 @@ class FusedDecoder:
         next (resid, delta); writes the rows' keys/values into cache slots 0..n-1 at `positions`."""
         att, mlp = layer.self_attention, layer.mlp
         qkv_lin, fc1 = att.linear_qkv, mlp.linear_fc1
-        resid, h = add_layer_norm(resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
-                                  qkv_lin.layer_norm_bias, qkv_lin.eps)
-        qkv = decode_linear(h, qkv_lin.weight)                                  # [n, ng*(hpg+2)*hn]
+        resid, qkv = add_layer_norm_linear(                                     # qkv [n, ng*(hpg+2)*hn]
+            resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
+            qkv_lin.layer_norm_bias, qkv_lin.eps, qkv_lin.weight)
         ck, cv = cache.k[i], cache.v[i]
         q = rope_to_cache(qkv, cos, sin, positions, ck, cv, att.groups, att.heads_per_group, att.head_dim)
         o = decode_attention(q, ck, cv, positions, kv_len)                      # [n, ng, hpg, hn]
         delta = self._row_parallel(att.linear_proj, o.reshape(n, -1))
-        resid, h = add_layer_norm(resid, delta, self.gamma(fc1.layer_norm_weight, fc1.zero_centered_gamma),
-                                  fc1.layer_norm_bias, fc1.eps)
-        delta = self._row_parallel(mlp.linear_fc2, decode_linear(h, fc1.weight, relu2=True))
+        resid, act = add_layer_norm_linear(                                     # relu^2(fc1) [n, ffn/tp]
+            resid, delta, self.gamma(fc1.layer_norm_weight, fc1.zero_centered_gamma), fc1.layer_norm_bias,
+            fc1.eps, fc1.weight, relu2=True)
+        delta = self._row_parallel(mlp.linear_fc2, act)
         return resid, delta
 
     @staticmethod

@@ -436,3 +436,126 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dt
     y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
     _skinny_launch(x, w, y, relu2, cfg)
     return y
+
+
+# --- add + LayerNorm fused into the skinny matmul's prologue (one or two rows) -------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _ln_skinny_mm_kernel(X, D, S, G, Bt, W, Y, M, N, K, eps, stride_w, stride_y,
+                             HAS_D: tl.constexpr, RELU2: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_KF: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        """y = LayerNorm(x + d) @ W[tile]^T for M <= ROWS rows: `_add_ln_kernel` then `_skinny_mm_kernel` in one
+        launch. Every program recomputes the rows' statistics (the rows are a few KB, read from L2) exactly as
+        `_add_ln_kernel` does; program 0 also stores s = x + d, the new residual."""
+        pid = tl.program_id(0)
+        act = S.dtype.element_ty
+        kf = tl.arange(0, BLOCK_KF)
+        kf_mask = kf < K
+        rm = tl.arange(0, BLOCK_M)
+        mean_v = tl.zeros([BLOCK_M], tl.float32)
+        rstd_v = tl.zeros([BLOCK_M], tl.float32)
+        for r in tl.static_range(ROWS):
+            if r < M:
+                x = tl.load(X + r * K + kf, mask=kf_mask, other=0.0)
+                if HAS_D:
+                    d = tl.load(D + r * K + kf, mask=kf_mask, other=0.0).to(act)
+                    s = (x.to(tl.float32) + d.to(tl.float32)).to(act)
+                    if pid == 0:
+                        tl.store(S + r * K + kf, s, mask=kf_mask)
+                    xf = s.to(tl.float32)
+                else:
+                    xf = x.to(tl.float32)
+                mean = tl.sum(xf, axis=0) / K
+                diff = tl.where(kf_mask, xf - mean, 0.0)
+                var = tl.sum(diff * diff, axis=0) / K
+                rstd = 1.0 / tl.sqrt(var + eps)
+                mean_v = tl.where(rm == r, mean, mean_v)
+                rstd_v = tl.where(rm == r, rstd, rstd_v)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        w_ptr = W + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
+        w_mask = rn[:, None] < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            xm = (rm[:, None] < M) & (kk[None, :] < K)
+            x = tl.load(X + rm[:, None] * K + kk[None, :], mask=xm, other=0.0)
+            if HAS_D:
+                d = tl.load(D + rm[:, None] * K + kk[None, :], mask=xm, other=0.0).to(act)
+                xf = (x.to(tl.float32) + d.to(tl.float32)).to(act).to(tl.float32)
+            else:
+                xf = x.to(tl.float32)
+            g = tl.load(G + kk, mask=kk < K, other=0.0).to(tl.float32)
+            b = tl.load(Bt + kk, mask=kk < K, other=0.0).to(tl.float32)
+            diff = xf - mean_v[:, None]
+            h = tl.where(xm, diff * rstd_v[:, None] * g[None, :] + b[None, :], 0.0).to(W.dtype.element_ty)
+            w = tl.load(w_ptr + k0, mask=w_mask & (kk[None, :] < K), other=0.0)
+            if IEEE:
+                acc += tl.dot(h, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(h, tl.trans(w))
+        y = acc.to(Y.dtype.element_ty)
+        if RELU2:
+            yf = tl.maximum(y.to(tl.float32), 0.0)
+            y = (yf * yf).to(Y.dtype.element_ty)
+        tl.store(Y + rm[:, None] * stride_y + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+LN_FUSE_MAX_ROWS = 2      # every program reloads the rows: worth it for one or two
+LN_FUSE_MAX_WIDTH = 8192  # the whole row sits in registers for the statistics
+_ln_choice: Dict[Tuple, Optional[Tuple[int, int, int, int]]] = {}
+
+
+def _ln_launch(x, delta, s, gamma, beta, eps, w, y, relu2, cfg):
+    bn, bk, warps, stages = cfg
+    M, K = x.shape
+    N = w.shape[0]
+    _ln_skinny_mm_kernel[(triton.cdiv(N, bn),)](
+        x, delta if delta is not None else x, s, gamma, beta, w, y, M, N, K, eps, w.stride(0), y.stride(0),
+        HAS_D=delta is not None, RELU2=relu2, IEEE=x.dtype == torch.float32, ROWS=LN_FUSE_MAX_ROWS,
+        BLOCK_M=SKINNY_MAX_ROWS, BLOCK_KF=triton.next_power_of_2(K), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        num_stages=stages)
+
+
+def add_layer_norm_linear(x: torch.Tensor, delta: Optional[torch.Tensor], gamma: torch.Tensor,
+                          beta: torch.Tensor, eps: float, w: torch.Tensor,
+                          relu2: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`add_layer_norm` then `decode_linear` (same results): (s = x + delta, LayerNorm(s) @ w^T [relu^2]).
+    For one or two rows on CUDA the LayerNorm runs in the matmul's prologue (one launch instead of two) when
+    that was faster for this weight on first use."""
+    M, K = x.shape
+    fusable = (_use_triton(x) and M <= LN_FUSE_MAX_ROWS and K <= LN_FUSE_MAX_WIDTH and x.is_contiguous()
+               and (delta is None or delta.is_contiguous()) and w.stride(1) == 1
+               and os.environ.get("NEMOTRON_DECODE_MATMUL", "auto") != "cublas")
+
+    def unfused():
+        s, h = add_layer_norm(x, delta, gamma, beta, eps)
+        return s, decode_linear(h, w, relu2=relu2)
+    if not fusable:
+        return unfused()
+    key = (M, tuple(w.shape), w.dtype, relu2, delta is None, x.dtype, x.device)
+    if key not in _ln_choice:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return unfused()
+        if not x.is_cuda:  # Triton's interpreter (CPU tests): always the fused kernel, first config
+            _ln_choice[key] = SKINNY_CONFIGS[0]
+        else:
+            unfused()  # settles decode_linear's own choice before the comparison
+            s_buf = torch.empty_like(x)
+            y_buf = torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device)
+            times = {"unfused": graph_time_ms(unfused)}
+            for cfg in SKINNY_CONFIGS:
+                times[str(cfg)] = graph_time_ms(
+                    lambda: _ln_launch(x, delta, s_buf, gamma, beta, eps, w, y_buf, relu2, cfg))
+            skinny_timings[f"LN+ M{M} N{w.shape[0]} K{K}{' relu2' if relu2 else ''}"] = times
+            best = min(SKINNY_CONFIGS, key=lambda c: times[str(c)])
+            _ln_choice[key] = best if times[str(best)] < times["unfused"] else None
+    cfg = _ln_choice[key]
+    if cfg is None:
+        return unfused()
+    s = torch.empty_like(x) if delta is not None else x
+    y = torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device)
+    _ln_launch(x, delta, s, gamma, beta, eps, w, y, relu2, cfg)
+    return s, y
