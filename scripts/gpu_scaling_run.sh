@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The multi-GPU half of docs/benchmarks.md on one 4-GPU host, in one go: TP1/TP2/TP4 decode of bench-8b (peer
-# and NCCL all-reduces timed in the same run), PP2 and TP2xPP2 decode (per-stage graphs), the 340B-width slice
-# on TP4 with its 16-GPU extrapolation, and the demo model's greedy tokens under TP1/TP2/TP2xPP2 through the CLI.
+# docs/benchmarks.md's runs on one 4-GPU host, in one go: the full single-GPU suite of bench-8b on GPU 0 (with the
+# HF peer), TP2/TP4 decode (peer and NCCL all-reduces timed in the same run), the 340B-width slice on TP4 with its
+# 16-GPU extrapolation, PP2 and TP2xPP2 decode (per-stage graphs), and the demo model's greedy tokens under
+# TP1/TP2/TP2xPP2 through the CLI.
 #   OUT=out bash scripts/gpu_scaling_run.sh        (megatron-core, hydra and flask importable for the CLI part)
 # Each step has its own time limit, so one hang costs only its own minutes.
 set -uo pipefail
@@ -22,13 +23,15 @@ run() {  # name, limit_s, processes (1: plain python on GPU 0), benchmark args..
     grep -v -i "warn" "$OUT/$name.log" | grep -E "summary|^ +[0-9]|all-reduce|NCCL|peer|extrapolate|teacher|FAILED|Error" \
         | cut -c1-400 | head -30
 }
-run tp1 120 1 "${B[@]}" --batches 1,64
+# TP1: the full suite on GPU 0 (roofline, correctness, HF peer, batches 1-128, prefill, profile): the baseline
+run tp1 230 1 scripts/benchmark.py --preset bench-8b --budget-s 200 --compile off --profile 1,64 \
+    --plot "$OUT/decode_tok_s.png"
 run tp2 100 2 "${B[@]}" --tp 2 --batches 1
 run tp4 100 4 "${B[@]}" --tp 4 --batches 1
-run pp2 90 2 "${B[@]}" --pp 2 --batches 1
-run tp2pp2 90 4 "${B[@]}" --tp 2 --pp 2 --batches 1
 run tp4_340b 180 4 scripts/benchmark.py --suite decode --tp 4 --preset nemotron-4-340b --layers auto \
     --slope-layers 4 --batches 1,32 --extrapolate
+run pp2 90 2 "${B[@]}" --pp 2 --batches 1
+run tp2pp2 90 4 "${B[@]}" --tp 2 --pp 2 --batches 1
 if [ "${LAYOUTS:-1}" = 1 ]; then
     start=$SECONDS
     OUT=$OUT/layouts ACCELERATOR=gpu PRECISION=bf16 PYTHON=python3 timeout 150 bash scripts/check_layouts.sh \
