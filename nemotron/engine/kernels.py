@@ -456,23 +456,22 @@ if triton is not None:
         rm = tl.arange(0, BLOCK_M)
         mean_v = tl.zeros([BLOCK_M], tl.float32)
         rstd_v = tl.zeros([BLOCK_M], tl.float32)
-        for r in tl.static_range(ROWS):
+        for r in tl.static_range(ROWS):  # names differ from the main loop's: Triton keeps one type per name
             if r < M:
-                x = tl.load(X + r * K + kf, mask=kf_mask, other=0.0)
+                row = tl.load(X + r * K + kf, mask=kf_mask, other=0.0)
                 if HAS_D:
-                    d = tl.load(D + r * K + kf, mask=kf_mask, other=0.0).to(act)
-                    s = (x.to(tl.float32) + d.to(tl.float32)).to(act)
+                    row_d = tl.load(D + r * K + kf, mask=kf_mask, other=0.0).to(act)
+                    row_s = (row.to(tl.float32) + row_d.to(tl.float32)).to(act)
                     if pid == 0:
-                        tl.store(S + r * K + kf, s, mask=kf_mask)
-                    xf = s.to(tl.float32)
+                        tl.store(S + r * K + kf, row_s, mask=kf_mask)
+                    row_f = row_s.to(tl.float32)
                 else:
-                    xf = x.to(tl.float32)
-                mean = tl.sum(xf, axis=0) / K
-                diff = tl.where(kf_mask, xf - mean, 0.0)
-                var = tl.sum(diff * diff, axis=0) / K
-                rstd = 1.0 / tl.sqrt(var + eps)
-                mean_v = tl.where(rm == r, mean, mean_v)
-                rstd_v = tl.where(rm == r, rstd, rstd_v)
+                    row_f = row.to(tl.float32)
+                row_mean = tl.sum(row_f, axis=0) / K
+                row_diff = tl.where(kf_mask, row_f - row_mean, 0.0)
+                row_var = tl.sum(row_diff * row_diff, axis=0) / K
+                mean_v = tl.where(rm == r, row_mean, mean_v)
+                rstd_v = tl.where(rm == r, 1.0 / tl.sqrt(row_var + eps), rstd_v)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         w_ptr = W + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
