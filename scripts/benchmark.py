@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import sys
@@ -322,7 +321,7 @@ def check_kernels(ctx: Ctx, model: NemotronModel):
     """Triton kernels vs their plain-torch versions on the GPU at this model's shapes."""
     if not ctx.cuda or kernels_mod.triton is None:
         return
-    cfg, ps = model.cfg, model.ps
+    cfg = model.cfg
     att = model.decoder.layers[0].self_attention
     n, ng, hpg, hn = 8, att.groups, att.heads_per_group, att.head_dim
     g = torch.Generator(device=ctx.dev).manual_seed(5)

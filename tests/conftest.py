@@ -1,13 +1,51 @@
 import os
+import signal
+import socket
+import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
 sys.path.insert(0, HERE)  # test helpers (hf_reference) import as plain modules
+ROOT = os.path.dirname(HERE)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun_worker(worker: str, args, nproc: int, timeout: float = 240) -> None:
+    """tests/<worker> under torchrun with nproc real processes (gloo); on a timeout torchrun *and* its workers are
+    killed. Fails the test with the end of stderr unless every rank exits 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+           os.path.join(HERE, worker), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+
+
+def run_in_triton_interpreter(code: str, marker: str, timeout: float = 300) -> None:
+    """Python `code` in a subprocess with TRITON_INTERPRET=1 (Triton kernels run on CPU); it must print `marker`."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton not installed (pip install -e '.[test]' installs it on x86-64 Linux)")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert marker in proc.stdout, proc.stdout + proc.stderr[-4000:]
 
 
 def tiny_config():

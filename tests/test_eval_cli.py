@@ -42,9 +42,11 @@ def test_prompts_printed_once_between_star_lines_and_results_file(tmp_path):
     # CLI defaults are NeMo's yaml ones: add_BOS True -> BOS first
     assert saved[0]["token_ids"][0][0] == 2
     # the same request through the engine path gives the same greedy ids on a second run (determinism)
+    results.unlink()
     proc2 = run_eval(f"gpt_model_file={TINY}", "trainer.precision=32", "inference.greedy=True",
                      "inference.tokens_to_generate=6", "inference.min_tokens_to_generate=6",
                      'prompts=["def f(x):","import os"]', f"results_file={results}")
+    assert proc2.returncode == 0, proc2.stderr[-2000:]
     assert json.loads(results.read_text())[0]["token_ids"] == saved[0]["token_ids"]
 
 

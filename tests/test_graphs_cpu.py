@@ -9,11 +9,11 @@ The graphs themselves need a GPU (scripts/benchmark.py checks graph replay again
   torch fallbacks.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from conftest import run_in_triton_interpreter
 
 from nemotron.engine.engine import Engine
 from nemotron.engine.forward import forward_logits
@@ -201,12 +201,4 @@ print("TRITON-INTERPRET-OK")
 
 
 def test_triton_kernels_in_interpreter_equal_torch():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pytest.skip("triton not installed (the GPU machines have it)")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert "TRITON-INTERPRET-OK" in proc.stdout, proc.stdout + proc.stderr
+    run_in_triton_interpreter(_INTERPRET, "TRITON-INTERPRET-OK")

@@ -7,32 +7,18 @@ The captured graphs themselves need a GPU; what differs there is only replay ins
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from test_parallel import free_port
+from conftest import run_torchrun_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_worker(tmp_path, tp, pp):
     out = str(tmp_path / f"graphs-tp{tp}pp{pp}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp * pp}",
-           f"--master-port={free_port()}", os.path.join(HERE, "graphs_pp_worker.py"), str(tp), str(pp), out]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:  # kill torchrun *and* its workers
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun_worker("graphs_pp_worker.py", (tp, pp, out), tp * pp)
     ranks = []
     for path in sorted(glob.glob(out + ".rank*.json")):
         with open(path) as f:

@@ -8,11 +8,10 @@
   that are not powers of two, the relu^2 epilogue, float32 output and float32 residual deltas.
 """
 import os
-import subprocess
-import sys
 
-import pytest
 import torch
+
+from conftest import run_in_triton_interpreter
 
 from nemotron.engine import kernels
 
@@ -107,12 +106,4 @@ print("KERNELS-INTERPRET-OK")
 
 
 def test_triton_decode_kernels_in_interpreter():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pytest.skip("triton not installed (pip install -e '.[test]' installs it on x86-64 Linux)")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert "KERNELS-INTERPRET-OK" in proc.stdout, proc.stdout + proc.stderr[-4000:]
+    run_in_triton_interpreter(_INTERPRET, "KERNELS-INTERPRET-OK")

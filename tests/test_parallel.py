@@ -1,39 +1,20 @@
 """Tensor and pipeline parallelism with real processes (torchrun, gloo): every layout equals TP1."""
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, free_port, run_torchrun_worker  # noqa: F401 (free_port: other tests)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_layout(tmp_path, tp, pp, source="reference"):
     out = str(tmp_path / f"tp{tp}pp{pp}-{os.path.basename(source)}.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp * pp}",
-           f"--master-port={free_port()}", os.path.join(HERE, "parallel_worker.py"), str(tp), str(pp), source, out]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:  # kill torchrun *and* its workers
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun_worker("parallel_worker.py", (tp, pp, source, out), tp * pp)
     with open(out) as f:
         result = json.load(f)
     result["logits"] = torch.load(out + ".logits.pt")
