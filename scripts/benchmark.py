@@ -19,6 +19,8 @@ weights and each rank draws only what its shard needs. Then, on the same card:
     torchrun --nproc-per-node 4 scripts/benchmark.py --suite decode --tp 4 --preset bench-8b --batches 1
     torchrun --nproc-per-node 4 scripts/benchmark.py --suite decode --tp 4 --preset nemotron-4-340b \\
         --layers auto --slope-layers 4 --batches 1 --extrapolate
+    torchrun --nproc-per-node 4 scripts/benchmark.py --suite decode --tp 2 --pp 2 --preset bench-8b --batches 1
+    python scripts/benchmark.py --suite kernels --preset bench-8b   # decode kernels alone vs cuBLAS / SDPA
 
 Runs on CPU too (`--device cpu --preset tiny`), without graphs, to check the harness. Imports neither
 megatron-core nor hydra nor flask.
