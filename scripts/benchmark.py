@@ -50,8 +50,7 @@ from nemotron.engine import kernels as kernels_mod  # noqa: E402
 from nemotron.engine.forward import forward_logits  # noqa: E402
 from nemotron.engine.graphs import DecodeGraphs, batch_bucket  # noqa: E402
 from nemotron.model import Batch, NemotronModel  # noqa: E402
-from nemotron.parallel.peer_allreduce import (disable_peer_all_reduce, enable_peer_all_reduce,  # noqa: E402
-                                               peer_all_reduce_for)
+from nemotron.parallel.peer_allreduce import enable_peer_all_reduce, nccl_only, peer_all_reduce_for  # noqa: E402
 from nemotron.parallel.state import ParallelState  # noqa: E402
 
 TINY = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
@@ -804,17 +803,13 @@ def ps_has_peer(ctx: Ctx) -> bool:
 def decode_with_nccl(ctx: Ctx, model, stepper, prompts1):
     """The batch-1 graph step again with every all-reduce through NCCL (graphs recaptured), then the peer path
     back on: the all-reduce path's share of the step, measured in the same run."""
-    group = ctx.ps.tp_group
-    peer = peer_all_reduce_for(group)
-    disable_peer_all_reduce(group)
     stepper.graphs.reset()
     try:
-        toks, _ = greedy(stepper.graph, model, stepper.cache, prompts1, 32)
-        ms = decode_loop_ms(ctx, stepper.graph, model, stepper.cache, prompts1, ctx.args.steps)
+        with nccl_only(ctx.ps.tp_group):
+            toks, _ = greedy(stepper.graph, model, stepper.cache, prompts1, 32)
+            ms = decode_loop_ms(ctx, stepper.graph, model, stepper.cache, prompts1, ctx.args.steps)
     finally:
-        from nemotron.parallel import peer_allreduce
-        peer_allreduce._registry[group.group_name] = peer
-        stepper.graphs.reset()
+        stepper.graphs.reset()  # the graphs captured the NCCL path
     same = int((toks == torch.tensor(ctx.result.get("tokens_graph_batch1", toks.tolist()), device=toks.device)).sum())
     ctx.result["decode_batch1_nccl_allreduce"] = {"graph_ms": ms, "tokens_matching_peer_path": same,
                                                   "of": int(toks.numel())}

@@ -13,6 +13,29 @@ sys.path.insert(0, HERE)  # test helpers (hf_reference) import as plain modules
 ROOT = os.path.dirname(HERE)
 
 
+# The payload of the Nemotron-4-340B model card's client (call_server.py), as the card calls it.
+CARD_PAYLOAD = {
+    "sentences": ["Write a poem on NVIDIA in the style of Shakespeare"],
+    "tokens_to_generate": 1024,
+    "temperature": 1.0,
+    "add_BOS": False,
+    "top_k": 0,
+    "top_p": 1.0,
+    "greedy": True,
+    "all_probs": False,
+    "repetition_penalty": 1.0,
+    "min_tokens_to_generate": 1,
+    "end_strings": ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"],
+}
+
+
+def card_payload(prompt: str, tokens: int) -> dict:
+    """The card's `get_generation(prompt, greedy=True, add_BOS=False, token_to_gen=tokens, min_tokens=1, temp=1.0,
+    top_p=1.0, top_k=0, repetition=1.0)` request body."""
+    return dict(CARD_PAYLOAD, sentences=[prompt], tokens_to_generate=int(tokens),
+                end_strings=list(CARD_PAYLOAD["end_strings"]))
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@
 """
 import os
 
+import pytest
 import torch
 
 from conftest import run_in_triton_interpreter
@@ -107,3 +108,12 @@ print("KERNELS-INTERPRET-OK")
 
 def test_triton_decode_kernels_in_interpreter():
     run_in_triton_interpreter(_INTERPRET, "KERNELS-INTERPRET-OK")
+
+
+def test_a_bad_decode_matmul_switch_is_refused_at_start_up(tiny_model, monkeypatch):
+    from nemotron.engine.graphs import DecodeGraphs
+    monkeypatch.setenv("NEMOTRON_DECODE_MATMUL", "cuBLAS")
+    with pytest.raises(ValueError, match="NEMOTRON_DECODE_MATMUL='cuBLAS': expected auto, cublas or triton"):
+        DecodeGraphs(tiny_model, capture=False)
+    monkeypatch.setenv("NEMOTRON_DECODE_MATMUL", "cublas")
+    DecodeGraphs(tiny_model, capture=False)  # a valid value is accepted

@@ -320,14 +320,9 @@ def test_not_ready_is_503_on_every_openai_route():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = free_ports()
-    s = Server("openai", [sys.executable, *eval_args(port, f"server_api_key={API_KEY}",
-                                                     f"max_body_bytes={BODY_LIMIT}")],
-               port, str(tmp_path_factory.mktemp("openai")), auth=AUTH)
-    try:
-        s.wait_ready()
+    argv = [sys.executable, *eval_args(port, f"server_api_key={API_KEY}", f"max_body_bytes={BODY_LIMIT}")]
+    with Server("openai", argv, port, str(tmp_path_factory.mktemp("openai")), auth=AUTH) as s:
         yield s
-    finally:
-        s.cleanup()
 
 
 def post(server, path, body, **headers):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from conftest import CARD_PAYLOAD
 from nemotron.engine.request import (
     API_ALLOWED_KEYS,
     CLI_DEFAULTS,
@@ -28,21 +29,6 @@ NEMO_KEYS = {
 
 SERVED = ("add_BOS, all_probs, compute_logprob, end_strings, greedy, min_tokens_to_generate, random_seed, "
           "repetition_penalty, sentences, temperature, tokens_to_generate, top_k, top_p")
-
-# The payload of the Nemotron-4-340B model card's client (call_server.py), as the card calls it.
-CARD_PAYLOAD = {
-    "sentences": ["Write a poem on NVIDIA in the style of Shakespeare"],
-    "tokens_to_generate": 1024,
-    "temperature": 1.0,
-    "add_BOS": False,
-    "top_k": 0,
-    "top_p": 1.0,
-    "greedy": True,
-    "all_probs": False,
-    "repetition_penalty": 1.0,
-    "min_tokens_to_generate": 1,
-    "end_strings": ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"],
-}
 
 # NeMo's exact texts (nemo-reference.md §1).
 M_TOKENS = "tokens_to_generate must be an integer greater than 0"

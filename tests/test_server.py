@@ -23,6 +23,7 @@ import psutil
 import pytest
 import requests
 
+import conftest
 from conftest import FIXTURES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,28 +37,14 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 BODY_LIMIT = 65536
 MAX_POSITIONS = 256  # the tiny model's max_position_embeddings
 
-CARD_END_STRINGS = ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
 ALLOWED_KEYS = ("add_BOS, all_probs, compute_logprob, end_strings, greedy, min_tokens_to_generate, random_seed, "
                 "repetition_penalty, sentences, temperature, tokens_to_generate, top_k, top_p")
 PROMPTS = ["def f(x):", "class Stack:", "import os", "for i in range(3):", "x = [1, 2", "while True:"]
 
 
 def card_payload(prompt, tokens=8):
-    """The model card's `get_generation(prompt, greedy=True, add_BOS=False, token_to_gen=1024, min_tokens=1,
-    temp=1.0, top_p=1.0, top_k=0, repetition=1.0)` request, with a small tokens_to_generate."""
-    return {
-        "sentences": [prompt],
-        "tokens_to_generate": int(tokens),
-        "temperature": 1.0,
-        "add_BOS": False,
-        "top_k": 0,
-        "top_p": 1.0,
-        "greedy": True,
-        "all_probs": False,
-        "repetition_penalty": 1.0,
-        "min_tokens_to_generate": 1,
-        "end_strings": CARD_END_STRINGS,
-    }
+    """The model card's request with a small tokens_to_generate."""
+    return conftest.card_payload(prompt, tokens)
 
 
 def greedy(prompt, tokens=8):
@@ -138,6 +125,19 @@ class Server:
             time.sleep(0.25)
         raise AssertionError(f"{self.name} not ready after {timeout} s:\n{self.log()[-4000:]}")
 
+    def __enter__(self):
+        """`with Server(...) as s:` waits until it is ready and always cleans up."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.cleanup()
+        return False
+
     def put(self, payload, headers=None, **kw):
         """PUT a JSON payload to /generate with this server's credentials."""
         return self.session.put(self.url(), data=json.dumps(payload),
@@ -184,14 +184,9 @@ class Server:
 @pytest.fixture(scope="module")
 def tp1(tmp_path_factory):
     port = free_ports()
-    server = Server("tp1", [sys.executable, *eval_args(port, f"server_api_key={API_KEY}",
-                                                       f"max_body_bytes={BODY_LIMIT}")],
-                    port, str(tmp_path_factory.mktemp("tp1")), auth=AUTH)
-    try:
-        server.wait_ready()
+    with Server("tp1", [sys.executable, *eval_args(port, f"server_api_key={API_KEY}", f"max_body_bytes={BODY_LIMIT}")],
+                port, str(tmp_path_factory.mktemp("tp1")), auth=AUTH) as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +194,8 @@ def tp2(tmp_path_factory):
     port, master = free_ports(), free_ports(2)
     argv = [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(master),
             *eval_args(port, "tensor_model_parallel_size=2", "trainer.devices=2")]
-    server = Server("tp2", argv, port, str(tmp_path_factory.mktemp("tp2")), env=clean_env(OMP_NUM_THREADS="1"))
-    try:
-        server.wait_ready()
+    with Server("tp2", argv, port, str(tmp_path_factory.mktemp("tp2")), env=clean_env(OMP_NUM_THREADS="1")) as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slurm_cluster  # noqa: E402
+import conftest  # noqa: E402
 from conftest import FIXTURES  # noqa: E402
 from slurm_cluster import TERMINAL_STATES, SlurmCluster  # noqa: E402
 
@@ -37,7 +38,6 @@ MODEL = os.path.join(FIXTURES, "tiny_tp1_torch_dist")
 PORT = 1424  # the card's port: each node has a network namespace of its own, so it is free there
 PROMPT = "def f(x):"
 TOKENS = 8
-CARD_END_STRINGS = ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
 # The script's #SBATCH headers ask for 8 tasks and 8 GPUs per node; these command-line options win.
 CPU_SBATCH = ["--ntasks-per-node=2", "--gpus-per-node=0", "-t", "5"]
 
@@ -47,11 +47,7 @@ needs_cluster = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
 def card_payload(prompt, tokens=TOKENS):
-    """The card's get_generation(prompt, greedy=True, add_BOS=False, token_to_gen=..., min_tokens=1, temp=1.0,
-    top_p=1.0, top_k=0, repetition=1.0) request body."""
-    return {"sentences": [prompt], "tokens_to_generate": tokens, "temperature": 1.0, "add_BOS": False, "top_k": 0,
-            "top_p": 1.0, "greedy": True, "all_probs": False, "repetition_penalty": 1.0,
-            "min_tokens_to_generate": 1, "end_strings": CARD_END_STRINGS}
+    return conftest.card_payload(prompt, tokens)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from nemotron.engine.kernels import add_layer_norm_linear, decode_attention, decode_linear, rope_to_cache
+from nemotron.engine.kernels import (add_layer_norm_linear, decode_attention, decode_linear, matmul_mode,
+                                     rope_to_cache)
 from nemotron.model import KVCache, NemotronModel
 from nemotron.parallel.layers import all_gather_last_dim, all_reduce
 
@@ -190,6 +191,7 @@ class DecodeGraphs:
             ok, why = self.supported(model)
             if not ok:
                 raise ValueError(f"CUDA-graph decode unavailable: {why}")
+        matmul_mode()  # a bad NEMOTRON_DECODE_MATMUL fails here, at start-up, not in the first request
         self.model, self.ps, self.capture = model, model.ps, capture
         self.device = next(model.parameters()).device
         self.decoder = FusedDecoder(model, num_layers)

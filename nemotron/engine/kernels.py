@@ -390,9 +390,17 @@ def graph_time_ms(fn, reps: int = 20) -> float:
     return max(replay_ms(flushed) - replay_ms(scratch.zero_), 0.0)
 
 
+def matmul_mode() -> str:
+    """NEMOTRON_DECODE_MATMUL: auto (time both on first use), cublas or triton (pinned)."""
+    mode = os.environ.get("NEMOTRON_DECODE_MATMUL", "auto")
+    if mode not in ("auto", "cublas", "triton"):
+        raise ValueError(f"NEMOTRON_DECODE_MATMUL={mode!r}: expected auto, cublas or triton")
+    return mode
+
+
 def _pick_skinny(x, w, out_dtype, relu2) -> Optional[Tuple[int, int, int, int]]:
     """Time cuBLAS and each config on these very tensors (outside any graph capture); None means cuBLAS."""
-    mode = os.environ.get("NEMOTRON_DECODE_MATMUL", "auto")
+    mode = matmul_mode()
     if mode == "cublas":
         return None
     if not x.is_cuda:  # Triton's interpreter (CPU tests): always the kernel, first config
@@ -527,7 +535,7 @@ def add_layer_norm_linear(x: torch.Tensor, delta: Optional[torch.Tensor], gamma:
     M, K = x.shape
     fusable = (_use_triton(x) and M <= LN_FUSE_MAX_ROWS and K <= LN_FUSE_MAX_WIDTH and x.is_contiguous()
                and (delta is None or delta.is_contiguous()) and w.stride(1) == 1
-               and os.environ.get("NEMOTRON_DECODE_MATMUL", "auto") != "cublas")
+               and matmul_mode() != "cublas")
 
     def unfused():
         s, h = add_layer_norm(x, delta, gamma, beta, eps)

@@ -12,9 +12,10 @@ unavailable goes through NCCL as before.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,7 +58,10 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
     Off when NEMOTRON_PEER_ALLREDUCE=0, off CUDA, for a group of one, or when symmetric memory cannot be set up
     (then every member falls back together: a failure on one rank is shared through an all-reduce of the flag).
     """
-    if group is None or device.type != "cuda" or os.environ.get("NEMOTRON_PEER_ALLREDUCE", "1") == "0":
+    switch = os.environ.get("NEMOTRON_PEER_ALLREDUCE", "1")
+    if switch not in ("0", "1"):
+        raise ValueError(f"NEMOTRON_PEER_ALLREDUCE={switch!r}: expected 0 or 1")
+    if group is None or device.type != "cuda" or switch == "0":
         return False
     if dist.get_world_size(group) < 2:
         return False
@@ -79,9 +83,15 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
     return True
 
 
-def disable_peer_all_reduce(group: Optional[dist.ProcessGroup]) -> None:
-    if group is not None:
-        _registry.pop(group.group_name, None)
+@contextlib.contextmanager
+def nccl_only(group: Optional[dist.ProcessGroup]) -> Iterator[None]:
+    """Inside the block every all-reduce of `group` goes through NCCL (the benchmark times both paths)."""
+    peer = _registry.pop(group.group_name, None) if group is not None else None
+    try:
+        yield
+    finally:
+        if peer is not None:
+            _registry[group.group_name] = peer
 
 
 def peer_all_reduce_for(group: dist.ProcessGroup) -> Optional[PeerAllReduce]:
