@@ -335,7 +335,8 @@ def check_kernels(ctx: Ctx, model: NemotronModel):
         cos, sin = model.rotary(pos.view(n, 1), torch.bfloat16)
         ck = torch.zeros(n, ng, 64, hn, dtype=torch.bfloat16, device=ctx.dev)
         cv = torch.zeros_like(ck)
-        q = kernels_mod.rope_to_cache(qkv, cos.reshape(n, -1), sin.reshape(n, -1), pos, ck, cv, ng, hpg, hn)
+        slots = torch.arange(n, device=ctx.dev).flip(0)  # rows in other slots than their index
+        q = kernels_mod.rope_to_cache(qkv, cos.reshape(n, -1), sin.reshape(n, -1), pos, slots, ck, cv, ng, hpg, hn)
         x = torch.randn(n, cfg.hidden_size, generator=g.manual_seed(2), device=ctx.dev, dtype=torch.bfloat16)
         d = torch.randn(n, cfg.hidden_size, generator=g.manual_seed(3), device=ctx.dev, dtype=torch.bfloat16)
         w = model.decoder.layers[0].mlp.linear_fc1
@@ -361,7 +362,8 @@ def check_kernels(ctx: Ctx, model: NemotronModel):
     att_out = []
     for force in (False, True):
         kernels_mod.FORCE_TORCH = force
-        att_out.append(kernels_mod.decode_attention(qa, ck, cv, pos, S).float())
+        att_out.append(kernels_mod.decode_attention(qa, ck, cv, pos, torch.arange(n, device=ctx.dev).flip(0),
+                                                    S).float())
     kernels_mod.FORCE_TORCH = False
     d = (att_out[0] - att_out[1]).abs()
     out["decode_attention_max_abs_diff"] = float(d.max())
@@ -780,11 +782,12 @@ def kernels_suite(ctx: Ctx, cfg: ModelConfig):
         cv = torch.randn_like(ck)
         q = torch.randn(n, ng, hpg, hn, dtype=torch.bfloat16, device=dev)
         pos = torch.full((n,), kv - 1, device=dev)
+        slots = torch.arange(n, device=dev)
         t = {}
         for force in (True, False):
             kernels_mod.FORCE_TORCH = force
             t["sdpa" if force else "triton"] = kernels_mod.graph_time_ms(
-                lambda: kernels_mod.decode_attention(q, ck, cv, pos, kv))
+                lambda: kernels_mod.decode_attention(q, ck, cv, pos, slots, kv))
         kernels_mod.FORCE_TORCH = False
         kv_bytes = 2 * n * ng * kv * hn * 2
         res[f"attn_b{n}_kv{kv}"] = {"ms": t, "kv_bytes": kv_bytes,

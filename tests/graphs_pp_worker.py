@@ -38,8 +38,7 @@ def check_steps(model, cfg):
     V = cfg.padded_vocab_size
     g = torch.Generator().manual_seed(0)  # same draws on every rank: every rank must see the same batch
     lengths = [3, 30, 60]  # decoding crosses kv_len 64, so two KV buckets (64, 128) are used
-    slots = graphs.slots_for(ROWS)
-    ref_cache, cache = model.new_cache(slots, 128), model.new_cache(slots, 128)
+    ref_cache, cache = model.new_cache(ROWS + 1, 128), model.new_cache(ROWS + 1, 128)  # + the padding slot
     for b, n in enumerate(lengths):
         toks = torch.randint(0, V, (1, n), generator=g)
         for c in (ref_cache, cache):

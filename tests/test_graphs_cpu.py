@@ -62,17 +62,19 @@ def test_engine_on_cpu_decodes_eagerly(tiny_model, tiny_tokenizer):
 
 
 def _decode_logits_both_ways(model, cfg, batch, steps, seed=0):
-    """Prefill rows of different lengths, then decode `steps` tokens through the model and the fused step."""
+    """Prefill rows of different lengths (row b in slot batch-b: rows need not sit in their own index), then decode
+    `steps` tokens through the model and the fused step."""
     g = torch.Generator().manual_seed(seed)
     lengths = [3 + 5 * b for b in range(batch)]
-    ref_cache, fused_cache = model.new_cache(batch, 64), model.new_cache(batch, 64)
+    slots = torch.arange(batch, 0, -1)
+    ref_cache, fused_cache = model.new_cache(batch + 1, 64), model.new_cache(batch + 1, 64)
     fused = FusedDecoder(model)
     last = []
     for b, n in enumerate(lengths):
         toks = torch.randint(0, cfg.padded_vocab_size, (1, n), generator=g)
         pos = torch.arange(n).view(1, n)
         for cache in (ref_cache, fused_cache):
-            forward_logits(model, toks, Batch(pos, torch.tensor([b]), kv_len=n, from_start=True), cache)
+            forward_logits(model, toks, Batch(pos, slots[b:b + 1], kv_len=n, from_start=True), cache)
         last.append(int(toks[0, -1]))
     tokens = torch.tensor(last)
     positions = torch.tensor(lengths) - 1
@@ -81,9 +83,9 @@ def _decode_logits_both_ways(model, cfg, batch, steps, seed=0):
         positions = positions + 1
         tokens = torch.randint(0, cfg.padded_vocab_size, (batch,), generator=g)
         kv = int(positions.max()) + 1
-        ref = forward_logits(model, tokens.view(-1, 1), Batch(positions.view(-1, 1), slice(0, batch), kv_len=kv,
+        ref = forward_logits(model, tokens.view(-1, 1), Batch(positions.view(-1, 1), slots, kv_len=kv,
                                                                 from_start=False), ref_cache)
-        got = fused(tokens, positions, fused_cache, kv_bucket(kv, 64))
+        got = fused(tokens, positions, slots, fused_cache, kv_bucket(kv, 64))
         worst = max(worst, float((got - ref).abs().max() / ref.abs().max()))
     torch.testing.assert_close(fused_cache.k, ref_cache.k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused_cache.v, ref_cache.v, rtol=1e-5, atol=1e-5)
@@ -97,28 +99,31 @@ def test_fused_decode_equals_model_decode(tiny_model, tiny_cfg):
 
 @torch.inference_mode()
 def test_uncaptured_graph_run_equals_model_decode(tiny_model, tiny_cfg):
-    """`run`'s own path (static buffers, 3 rows padded to bucket 4) against forward_logits on another cache."""
+    """`run`'s own path (static buffers, 3 rows in slots 2, 0, 1 padded to bucket 4, the padding row in the last
+    slot) against forward_logits on another cache."""
     graphs = DecodeGraphs(tiny_model, capture=False)
     g = torch.Generator().manual_seed(1)
-    lengths = [4, 9, 2]
-    ref_cache, cache = tiny_model.new_cache(graphs.slots_for(3), 64), tiny_model.new_cache(graphs.slots_for(3), 64)
-    assert cache.num_slots == 4
+    lengths, slots = [4, 9, 2], [2, 0, 1]
+    ref_cache, cache = tiny_model.new_cache(4, 64), tiny_model.new_cache(4, 64)
     for b, n in enumerate(lengths):
         toks = torch.randint(0, tiny_cfg.padded_vocab_size, (1, n), generator=g)
         for c in (ref_cache, cache):
-            forward_logits(tiny_model, toks, Batch(torch.arange(n).view(1, n), torch.tensor([b]), kv_len=n), c)
+            forward_logits(tiny_model, toks, Batch(torch.arange(n).view(1, n), torch.tensor([slots[b]]), kv_len=n), c)
     pos = list(lengths)
     for B in (3, 3, 2, 3):
         tokens = torch.randint(0, tiny_cfg.padded_vocab_size, (B,), generator=g)
         kv = max(pos[:B]) + 1
-        ref = forward_logits(tiny_model, tokens.view(B, 1), Batch(torch.tensor(pos[:B]).view(B, 1), slice(0, B),
-                                                                  kv_len=kv, from_start=False), ref_cache)
-        got = graphs.run(tokens, pos[:B], kv, cache)
+        ref = forward_logits(tiny_model, tokens.view(B, 1), Batch(torch.tensor(pos[:B]).view(B, 1),
+                                                                  torch.tensor(slots[:B]), kv_len=kv,
+                                                                  from_start=False), ref_cache)
+        got = graphs.run(tokens, pos[:B], kv, cache, slots=slots[:B])
         assert got.shape == (B, tiny_cfg.padded_vocab_size)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         pos[:B] = [p + 1 for p in pos[:B]]
     torch.testing.assert_close(cache.k[:, :3], ref_cache.k[:, :3], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.v[:, :3], ref_cache.v[:, :3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kept for padding rows"):  # a real row in the padding slot
+        graphs.run(tokens[:3], pos[:3], kv + 2, cache, slots=[0, 1, 3])
 
 
 def test_fused_gamma_cache_follows_weight_updates(tiny_cfg, tiny_state):
@@ -152,7 +157,7 @@ for dtype in (torch.float32, torch.bfloat16):
     for interpret in ("1", "0"):
         kernels.os.environ["TRITON_INTERPRET"] = interpret
         ck = torch.full((4, ng, S, hn), 9.0, dtype=dtype); cv = ck.clone()
-        q = kernels.rope_to_cache(qkv, cos, sin, pos, ck, cv, ng, hpg, hn)
+        q = kernels.rope_to_cache(qkv, cos, sin, pos, torch.tensor([3, 0, 2]), ck, cv, ng, hpg, hn)
         x = torch.randn(n, 40).to(dtype) if not out else out[0][3]
         d = torch.randn(n, 40).to(dtype) if not out else out[0][4]
         g, b = torch.randn(40).to(dtype), torch.randn(40).to(dtype)
@@ -193,7 +198,7 @@ with torch.inference_mode():
     for step in range(3):
         t = torch.randint(0, 256, (2,)); p = torch.tensor([5 + step, 5 + step])
         ref = forward_logits(model, t.view(2, 1), Batch(p.view(2, 1), slice(0, 2), 6 + step, False), ref_cache)
-        got = dec(t, p, cache, 64)
+        got = dec(t, p, torch.arange(2), cache, 64)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-5)
 print("TRITON-INTERPRET-OK")

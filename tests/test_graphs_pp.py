@@ -33,7 +33,7 @@ def check_layout(ranks):
         assert steps["steps"] == 8
         # Slots 0..2 hold the same keys/values on every stage (each stage writes its own layers' cache).
         assert steps["cache_k"] <= 1e-5 and steps["cache_v"] <= 1e-5, (r["rank"], steps)
-        assert steps["cache_slots"] == 4  # slots_for(3): bucket 4, the padding row uses slot 3
+        assert steps["cache_slots"] == 4  # 3 rows + the padding slot (3)
         assert r["engine"]["graph_cache_slots"] == 4
         if r["last_stage"]:
             assert steps["worst_logits"] <= 1e-5, f"rank {r['rank']}: graph-path logits off by {steps['worst_logits']}"

@@ -19,14 +19,14 @@ from nemotron.engine import kernels
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _reference_attention(q, ck, cv, positions):
-    """Per row and query head: softmax over keys 0..pos of its group, in float64."""
+def _reference_attention(q, ck, cv, positions, slots):
+    """Per row and query head: softmax over keys 0..pos of its group in the row's slot, in float64."""
     n, ng, hpg, hn = q.shape
     out = torch.zeros(n, ng, hpg, hn, dtype=torch.float64)
     for b in range(n):
         L = int(positions[b]) + 1
         for g in range(ng):
-            k, v = ck[b, g, :L].double(), cv[b, g, :L].double()
+            k, v = ck[slots[b], g, :L].double(), cv[slots[b], g, :L].double()
             for j in range(hpg):
                 w = torch.softmax(k @ q[b, g, j].double() / hn ** 0.5, dim=0)
                 out[b, g, j] = w @ v
@@ -38,9 +38,10 @@ def test_decode_attention_torch_path_matches_reference():
     n, ng, hpg, hn, S = 3, 2, 3, 24, 40
     q = torch.randn(n, ng, hpg, hn)
     ck, cv = torch.randn(n + 1, ng, S, hn), torch.randn(n + 1, ng, S, hn)
-    positions = torch.tensor([0, 17, 39])
-    got = kernels.decode_attention(q, ck, cv, positions, S)
-    torch.testing.assert_close(got.double(), _reference_attention(q, ck, cv, positions), rtol=1e-5, atol=1e-5)
+    positions, slots = torch.tensor([0, 17, 39]), torch.tensor([2, 0, 3])  # slot 1 unused
+    got = kernels.decode_attention(q, ck, cv, positions, slots, S)
+    torch.testing.assert_close(got.double(), _reference_attention(q, ck, cv, positions, slots), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_decode_linear_torch_path():
@@ -78,7 +79,8 @@ for n, ng, hpg, hn, S, kv in [(3, 2, 3, 24, 200, 150), (2, 2, 4, 32, 64, 64), (1
     ck, cv = torch.randn(n + 1, ng, S, hn), torch.randn(n + 1, ng, S, hn)
     pos = torch.randint(0, kv, (n,))
     pos[0] = kv - 1
-    tri, ref = both(lambda: kernels.decode_attention(q, ck, cv, pos, kv))
+    slots = torch.randperm(n + 1)[:n]  # rows sit in any slots
+    tri, ref = both(lambda: kernels.decode_attention(q, ck, cv, pos, slots, kv))
     torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-5)
 
 for M, N, K in [(1, 48, 40), (3, 100, 300), (16, 64, 512)]:

@@ -1,7 +1,7 @@
 """CUDA-graph decode: one captured, fused decode step per (batch bucket, KV-length bucket) and pipeline stage.
 
-A decode step feeds each of n rows its newest token ([n] ids at [n] positions, rows = cache slots 0..n-1) and
-returns float32 logits [n, V]. Eagerly that is ~25 kernels per layer, most of them tiny (RoPE alone is a dozen),
+A decode step feeds each of n rows its newest token ([n] ids at [n] positions in [n] cache slots, any slots: rows
+of different requests come and go) and returns float32 logits [n, V]. Eagerly that is ~25 kernels per layer, most of them tiny (RoPE alone is a dozen),
 so on an H100 the launch gaps cost as much as reading the weights. Here the step is
 
 * fused: per layer `add+LayerNorm1p` (Triton; for one or two rows it runs in the next matmul's prologue) ->
@@ -16,8 +16,8 @@ so on an H100 the launch gaps cost as much as reading the weights. Here the step
   multiple of 64..512, never the whole cache), lazily on first use, all graphs sharing one memory pool; a replay
   only copies the step's token ids and positions into the graph's static inputs.
 
-Rows beyond the real batch (up to the bucket) are padding: token 0 at position 0 of slots the request does not
-use, so the engine allocates its cache with `slots_for(B)` slots.
+Rows beyond the real batch (up to the bucket) are padding: token 0 at position 0 of the cache's last slot, which
+callers keep free for it (the engine never hands it to a request).
 
 Tensor parallelism works (the all-reduces / all-gather are captured in the graph). Under pipeline parallelism
 each stage captures its own layers: the first stage starts from token ids, the others from a static hidden-state
@@ -71,10 +71,10 @@ def _version(t: torch.Tensor) -> int:
 # --- The fused decode step -----------------------------------------------------------------------------------
 
 class FusedDecoder:
-    """Decode step of this pipeline stage over slots 0..n-1 of its KV cache.
+    """Decode step of this pipeline stage for n rows, each in its own KV-cache slot.
 
     Input: token ids [n] on the first stage, the previous stage's hidden states [n, h] (model dtype) on the
-    others; positions [n]. Output: float32 logits [n, V] on the last stage, hidden states [n, h] for the next
+    others; positions [n]; slots [n]. Output: float32 logits [n, V] on the last stage, hidden states [n, h] for the next
     stage on the others. Same parameters and same math as `NemotronModel.forward` + `forward_logits`, with fused
     kernels. `num_layers` runs only the stage's first layers (the benchmark's per-layer cost).
     """
@@ -108,7 +108,7 @@ class FusedDecoder:
         self._gammas[id(weight)] = (_version(weight), weight, g)
         return g
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int,
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: token ids [n] (first stage) or hidden states [n, h]; out: where to write the result (logits [n, V]
         float32 on the last stage, hidden [n, h] on the others), else a new tensor."""
@@ -122,7 +122,7 @@ class FusedDecoder:
         # The residual stream is kept as (resid, delta): the next add+LayerNorm adds them.
         resid, delta = x, None
         for i, layer in enumerate(self.layers):
-            resid, delta = self._layer(i, layer, resid, delta, cos, sin, positions, cache, kv_len, n)
+            resid, delta = self._layer(i, layer, resid, delta, cos, sin, positions, slots, cache, kv_len, n)
         if not self.last:
             # The hidden state eager sends on: x + mlp(x), one rounding in the activation dtype (what the
             # add+LayerNorm kernel stores as its sum; a TP delta arrives as a float32 sum, rounded first).
@@ -139,18 +139,18 @@ class FusedDecoder:
         return out
 
     def _layer(self, i: int, layer, resid: torch.Tensor, delta: Optional[torch.Tensor], cos: torch.Tensor,
-               sin: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int,
+               sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int,
                n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Local layer i: resid, delta [n, h] (delta None before the first layer; a float32 sum under TP) -> the
-        next (resid, delta); writes the rows' keys/values into cache slots 0..n-1 at `positions`."""
+        next (resid, delta); writes the rows' keys/values into the cache at (slots, positions)."""
         att, mlp = layer.self_attention, layer.mlp
         qkv_lin, fc1 = att.linear_qkv, mlp.linear_fc1
         resid, qkv = add_layer_norm_linear(                                     # qkv [n, ng*(hpg+2)*hn]
             resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
             qkv_lin.layer_norm_bias, qkv_lin.eps, qkv_lin.weight)
         ck, cv = cache.k[i], cache.v[i]
-        q = rope_to_cache(qkv, cos, sin, positions, ck, cv, att.groups, att.heads_per_group, att.head_dim)
-        o = decode_attention(q, ck, cv, positions, kv_len)                      # [n, ng, hpg, hn]
+        q = rope_to_cache(qkv, cos, sin, positions, slots, ck, cv, att.groups, att.heads_per_group, att.head_dim)
+        o = decode_attention(q, ck, cv, positions, slots, kv_len)               # [n, ng, hpg, hn]
         delta = self._row_parallel(att.linear_proj, o.reshape(n, -1))
         resid, act = add_layer_norm_linear(                                     # relu^2(fc1) [n, ffn/tp]
             resid, delta, self.gamma(fc1.layer_norm_weight, fc1.zero_centered_gamma), fc1.layer_norm_bias,
@@ -173,6 +173,8 @@ class FusedDecoder:
 @dataclass
 class _Static:
     positions: torch.Tensor  # [n] int64
+    slots: torch.Tensor      # [n] int64
+    slot_list: List[int]     # what `slots` holds
     inp: torch.Tensor        # first stage: token ids [n] int64; other stages: received hidden states [n, h]
     out: torch.Tensor        # last stage: logits [n, V] float32; other stages: hidden states to send [n, h];
                              # both shared by the bucket's KV-length graphs
@@ -216,10 +218,6 @@ class DecodeGraphs:
     def handles(self, n: int) -> bool:
         return self.bucket(n) is not None
 
-    def slots_for(self, n: int) -> int:
-        """Cache slots a batch of n rows needs on the graph path (its bucket: padding rows use spare slots)."""
-        return self.bucket(n) or n
-
     def reset(self) -> None:
         """Drop every graph (after the cache was reallocated or weights changed)."""
         self._graphs.clear()
@@ -238,22 +236,27 @@ class DecodeGraphs:
             out = torch.zeros(n, cfg.padded_vocab_size, dtype=torch.float32, device=dev)
         else:
             out = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=dev)
-        return _Static(torch.zeros(n, dtype=torch.long, device=dev), inp, out)
+        zeros = torch.zeros(n, dtype=torch.long, device=dev)
+        return _Static(zeros, zeros.clone(), [0] * n, inp, out)
 
     @torch.inference_mode()
     def run(self, tokens: torch.Tensor, positions: Union[torch.Tensor, List[int]], kv_len: int,
-            cache: KVCache) -> Optional[torch.Tensor]:
+            cache: KVCache, slots: Optional[List[int]] = None) -> Optional[torch.Tensor]:
         """Every rank calls this with the same batch: tokens [B] (or [B, 1]) on the device (read on the first
-        stage only), positions [B] (tensor on the device, or a list); every position < kv_len. Returns float32
-        logits [B, V] on the last stage (a view of the graph's output, valid until the next run), None on the
-        other stages (as `forward_logits`)."""
+        stage only), positions [B] (tensor on the device, or a list), every position < kv_len; slots [B], the rows'
+        cache slots (default 0..B-1), never the cache's last slot when B is not a bucket size (padding rows write
+        there). Returns float32 logits [B, V] on the last stage (a view of the graph's output, valid until the
+        next run), None on the other stages (as `forward_logits`)."""
         tokens = tokens.view(-1)
         B = tokens.shape[0]
         n = self.bucket(B)
         if n is None:
             raise ValueError(f"batch {B} is larger than the largest graph bucket {self.buckets[-1]}")
-        if cache.num_slots < n:
-            raise ValueError(f"the cache has {cache.num_slots} slots; batch {B} runs in bucket {n}")
+        slots = list(range(B)) if slots is None else list(slots)
+        pad_slot = cache.num_slots - 1
+        if len(slots) != B or max(slots) > pad_slot or (B < n and pad_slot in slots):
+            raise ValueError(f"slots {slots} for {B} rows: each must be a slot of the {cache.num_slots}-slot cache, "
+                             f"and the last one is kept for padding rows")
         version = self.decoder.weights_version()
         if cache is not self._cache or version != self._version:
             self.reset()
@@ -266,7 +269,11 @@ class DecodeGraphs:
             positions = torch.tensor(positions, dtype=torch.long)
         # Every stage pads the same way, so padding rows line up with the hidden states they receive.
         st.positions[:B].copy_(positions.view(-1))
-        if B < n:  # padding rows: token 0 at position 0 of the spare slots
+        padded = slots + [pad_slot] * (n - B)
+        if padded != st.slot_list:  # rows change only when requests join or leave: skip the copy otherwise
+            st.slots.copy_(torch.tensor(padded, dtype=torch.long))
+            st.slot_list = padded
+        if B < n:  # padding rows: token 0 at position 0 of the spare slot
             st.positions[B:].zero_()
         ps = self.ps
         if ps.is_first_stage:
@@ -276,7 +283,7 @@ class DecodeGraphs:
         else:  # the whole bucket [n, h], padding rows included: every stage runs the same shapes
             dist.recv(st.inp, src=ps.stage_rank(ps.pp_rank - 1))
         if not self.capture:
-            self.decoder(st.inp, st.positions, cache, S, out=st.out)
+            self.decoder(st.inp, st.positions, st.slots, cache, S, out=st.out)
         else:
             graph = self._graphs.get((n, S))
             if graph is None:
@@ -296,11 +303,11 @@ class DecodeGraphs:
         side.wait_stream(main)
         with torch.cuda.stream(side):  # warm up: Triton compiles, cuBLAS/NCCL set up, gammas cached
             for _ in range(2):
-                self.decoder(st.inp, st.positions, cache, S, out=st.out)
+                self.decoder(st.inp, st.positions, st.slots, cache, S, out=st.out)
         main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self.decoder(st.inp, st.positions, cache, S, out=st.out)
+            self.decoder(st.inp, st.positions, st.slots, cache, S, out=st.out)
         if self._pool is None:
             self._pool = graph.pool()
         self._graphs[(n, S)] = graph

@@ -18,6 +18,10 @@ try:  # Triton is on the GPU machines, not on the CPU test machines
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
+try:  # grid dependency control (programmatic dependent launch), Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the machine
+    gdc_wait = gdc_launch_dependents = None
 
 #: Set True to run the fused ops' plain-torch versions on CUDA too (the benchmark checks the kernels this way).
 FORCE_TORCH = False
@@ -29,12 +33,41 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def pdl_mode() -> str:
+    """NEMOTRON_PDL: 1 (default) launches the decode kernels with programmatic dependent launch on Hopper and
+    newer; 0 launches them plainly."""
+    mode = os.environ.get("NEMOTRON_PDL", "1")
+    if mode not in ("0", "1"):
+        raise ValueError(f"NEMOTRON_PDL={mode!r}: expected 0 or 1")
+    return mode
+
+
+def _pdl(x: torch.Tensor) -> dict:
+    """Launch options for a kernel reading x: with PDL, a kernel's programs are scheduled while the previous
+    kernel's last ones still run, and wait (griddepcontrol.wait) before touching memory, which hides the
+    launch-and-ramp gap between the ~200 small kernels of a decode step. Needs sm90+ and grid dependency
+    control in Triton; the interpreter (CPU tests) runs without it."""
+    on = (x.is_cuda and gdc_wait is not None and pdl_mode() == "1"
+          and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
 # --- Triton kernels ------------------------------------------------------------------------------------------
 
 if triton is not None:
     @triton.jit
-    def _add_ln_kernel(X, D, R, Y, G, Bias, N, eps, HAS_D: tl.constexpr, BLOCK: tl.constexpr):
+    def _pdl_enter():
+        """First thing in a kernel launched with PDL: wait until the previous kernel has finished and its writes
+        are visible, then allow the next kernel to launch (it does once all our programs have started)."""
+        gdc_wait()
+        gdc_launch_dependents()
+
+    @triton.jit
+    def _add_ln_kernel(X, D, R, Y, G, Bias, N, eps, HAS_D: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
         """One row: s = x + d (rounded to the activation dtype, as eager does), y = LayerNorm(s) * g + b."""
+        if PDL:
+            _pdl_enter()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         m = offs < N
@@ -56,13 +89,15 @@ if triton is not None:
         tl.store(Y + row * N + offs, (diff * rstd * g + b).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rope_cache_kernel(QKV, COS, SIN, POS, Q, CK, CV, qkv_row_stride, slot_stride, group_stride,
+    def _rope_cache_kernel(QKV, COS, SIN, POS, SLOTS, Q, CK, CV, qkv_row_stride, slot_stride, group_stride,
                            HPG: tl.constexpr, HN: tl.constexpr, R: tl.constexpr,
-                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """One (row, query group): rotate its HPG query heads and its key head (rotate-half on the first R
         channels, with eager's bf16 rounding after each op), write q to Q [n, ng, HPG, HN] and k, v into the
-        cache at [row, group, position]. Launched with enable_fp_fusion=False: otherwise the compiler turns
-        round(x*cos) + t2 into one bf16 FMA (one rounding instead of eager's two; seen on H100)."""
+        cache at [slot of the row, group, position]. Launched with enable_fp_fusion=False: otherwise the compiler
+        turns round(x*cos) + t2 into one bf16 FMA (one rounding instead of eager's two; seen on H100)."""
+        if PDL:
+            _pdl_enter()
         b = tl.program_id(0).to(tl.int64)
         grp = tl.program_id(1).to(tl.int64)
         ng = tl.num_programs(1)
@@ -84,12 +119,15 @@ if triton is not None:
         out = tl.where((d < R) & (h <= HPG), rot, x.to(dt))  # the V head (h == HPG+1) is not rotated
         tl.store(Q + ((b * ng + grp) * HPG + h) * HN + d, out, mask=(h < HPG) & in_d)
         pos = tl.load(POS + b)
-        at = b * slot_stride + grp * group_stride + pos * HN + d + h * 0
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        at = slot * slot_stride + grp * group_stride + pos * HN + d + h * 0
         tl.store(CK + at, out, mask=(h == HPG) & in_d)
         tl.store(CV + at, out, mask=(h == HPG + 1) & in_d)
 
     @triton.jit
-    def _relu2_kernel(X, Y, numel, BLOCK: tl.constexpr):
+    def _relu2_kernel(X, Y, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            _pdl_enter()
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < numel
         x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
@@ -115,15 +153,16 @@ def add_layer_norm(x: torch.Tensor, delta: Optional[torch.Tensor], gamma: torch.
     s = x if delta is None else torch.empty_like(x)
     y = torch.empty_like(x)
     _add_ln_kernel[(n,)](x, delta if delta is not None else x, s, y, gamma, beta, h, eps,
-                         HAS_D=delta is not None, BLOCK=block, num_warps=_ln_warps(block))
+                         HAS_D=delta is not None, BLOCK=block, num_warps=_ln_warps(block), **_pdl(x))
     return s, y
 
 
 def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                  cache_k: torch.Tensor, cache_v: torch.Tensor, groups: int, heads_per_group: int,
-                  head_dim: int) -> torch.Tensor:
-    """qkv [n, ng*(hpg+2)*hn] (MCore's per-group [q.., k, v] rows), cos/sin [n, r], positions [n] ->
-    rotated q [n, ng, hpg, hn]; rotated k and v are written to cache_k/v [slots, ng, S, hn] at (row, :, pos)."""
+                  slots: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, groups: int,
+                  heads_per_group: int, head_dim: int) -> torch.Tensor:
+    """qkv [n, ng*(hpg+2)*hn] (MCore's per-group [q.., k, v] rows), cos/sin [n, r], positions and slots [n] ->
+    rotated q [n, ng, hpg, hn]; rotated k and v are written to cache_k/v [slots, ng, S, hn] at
+    (slots[b], :, positions[b])."""
     n = qkv.shape[0]
     ng, hpg, hn = groups, heads_per_group, head_dim
     r = cos.shape[-1]
@@ -132,16 +171,15 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
         c, s = cos.view(n, 1, 1, r), sin.view(n, 1, 1, r)
         q = apply_rotary(grouped[:, :, :hpg], c, s)
         k = apply_rotary(grouped[:, :, hpg:hpg + 1], c, s).view(n, ng, hn)
-        rows = torch.arange(n, device=qkv.device)
-        cache_k[rows, :, positions] = k
-        cache_v[rows, :, positions] = grouped[:, :, hpg + 1]
+        cache_k[slots, :, positions] = k
+        cache_v[slots, :, positions] = grouped[:, :, hpg + 1]
         return q.contiguous()
     assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous() and cache_k.is_contiguous()
     q = torch.empty(n, ng, hpg, hn, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(n, ng)](qkv, cos, sin, positions, q, cache_k, cache_v, qkv.stride(0),
+    _rope_cache_kernel[(n, ng)](qkv, cos, sin, positions, slots, q, cache_k, cache_v, qkv.stride(0),
                                 cache_k.stride(0), cache_k.stride(1), HPG=hpg, HN=hn, R=r,
                                 BLOCK_H=triton.next_power_of_2(hpg + 2), BLOCK_D=triton.next_power_of_2(hn),
-                                num_warps=4, enable_fp_fusion=False)
+                                num_warps=4, enable_fp_fusion=False, **_pdl(qkv))
     return q
 
 
@@ -151,7 +189,7 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
     numel = x.numel()
     block = 2048
-    _relu2_kernel[(triton.cdiv(numel, block),)](x, y, numel, BLOCK=block, num_warps=4)
+    _relu2_kernel[(triton.cdiv(numel, block),)](x, y, numel, BLOCK=block, num_warps=4, **_pdl(x))
     return y
 
 
@@ -159,15 +197,19 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _decode_attn_kernel(Q, CK, CV, POS, O, PART, STATS, slot_stride, group_stride, scale, chunk,
+    def _decode_attn_kernel(Q, CK, CV, POS, SLOTS, O, PART, STATS, slot_stride, group_stride, scale, chunk,
                             HPG: tl.constexpr, HN: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
-                            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Program (row b, group g, split sp): keys [sp*chunk, min((sp+1)*chunk, pos[b]+1)) of slot b, group g.
+                            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            PDL: tl.constexpr):
+        """Program (row b, group g, split sp): keys [sp*chunk, min((sp+1)*chunk, pos[b]+1)) of row b's slot,
+        group g.
 
         The group's HPG query heads are the rows of one [BLOCK_H, BLOCK_D] tile, so K/V are read once per group
         (GQA without repeats) and only up to the row's own length. Online softmax in float32; p is rounded to the
         value dtype before p @ v, as flash attention does. One split writes O; several write float32 partial
         sums and (max, sum) to PART/STATS for `_decode_attn_combine`."""
+        if PDL:
+            _pdl_enter()
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1).to(tl.int64)
         sp = tl.program_id(2)
@@ -179,7 +221,7 @@ if triton is not None:
         kv_len = tl.load(POS + b) + 1
         start = sp * chunk
         end = tl.minimum(start + chunk, kv_len)
-        base = b * slot_stride + g * group_stride
+        base = tl.load(SLOTS + b).to(tl.int64) * slot_stride + g * group_stride
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -216,8 +258,10 @@ if triton is not None:
 
     @triton.jit
     def _decode_attn_combine(PART, STATS, O, HPG: tl.constexpr, HN: tl.constexpr, SPLITS: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """Program (row, group): merge the splits' partial softmax sums (every split but empty ones holds keys)."""
+        if PDL:
+            _pdl_enter()
         bg = tl.program_id(0).to(tl.int64)
         hh = tl.arange(0, BLOCK_H)
         h = hh[:, None]
@@ -249,9 +293,9 @@ attn_timings: Dict[str, Dict[str, float]] = {}
 
 
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
-                     kv_len: int) -> torch.Tensor:
-    """q [n, ng, hpg, hn] (row b = cache slot b), cache_k/v [slots, ng, S, hn], positions [n] (row b attends to
-    keys 0..positions[b]), kv_len >= every positions[b] + 1 -> attention output [n, ng, hpg, hn].
+                     slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """q [n, ng, hpg, hn], cache_k/v [slots, ng, S, hn], positions and slots [n] (row b attends to keys
+    0..positions[b] of cache slot slots[b]), kv_len >= every positions[b] + 1 -> attention output [n, ng, hpg, hn].
 
     kv_len only sizes the work split (it is the graph's KV bucket); each row reads its own keys."""
     n, ng, hpg, hn = q.shape
@@ -260,7 +304,8 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
         mask = torch.zeros(n, 1, 1, kv_len, dtype=q.dtype, device=q.device)
         mask.masked_fill_(keys.view(1, 1, 1, -1) > positions.view(n, 1, 1, 1), float("-inf"))
         # GQA without repeats: a group's query heads are the "query length" of one attention over its keys.
-        return F.scaled_dot_product_attention(q, cache_k[:n, :, :kv_len], cache_v[:n, :, :kv_len], attn_mask=mask)
+        return F.scaled_dot_product_attention(q, cache_k[slots, :, :kv_len], cache_v[slots, :, :kv_len],
+                                              attn_mask=mask)
     assert q.is_contiguous() and cache_k.is_contiguous() and cache_v.is_contiguous()
     configs = ATTN_CONFIGS if hn <= 128 else ATTN_CONFIGS_WIDE
     key = (n, ng, hpg, hn, kv_len, q.dtype, q.device)
@@ -269,15 +314,15 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
         if not q.is_cuda or torch.cuda.is_current_stream_capturing():
             cfg = configs[0]  # the interpreter; or a capture without a warm-up (never time inside one)
         else:
-            times = {c: graph_time_ms(lambda: _attn_launch(q, cache_k, cache_v, positions, kv_len, c))
+            times = {c: graph_time_ms(lambda: _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, c))
                      for c in configs}
             cfg = min(times, key=times.get)
             attn_timings[f"n{n} ng{ng} hpg{hpg} hn{hn} kv{kv_len}"] = {str(c): t for c, t in times.items()}
         _attn_choice[key] = cfg
-    return _attn_launch(q, cache_k, cache_v, positions, kv_len, cfg)
+    return _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg)
 
 
-def _attn_launch(q, cache_k, cache_v, positions, kv_len, cfg):
+def _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg):
     n, ng, hpg, hn = q.shape
     block_n, warps, stages = cfg[:3]
     max_splits = cfg[3] if len(cfg) > 3 else 1 << 30
@@ -294,12 +339,12 @@ def _attn_launch(q, cache_k, cache_v, positions, kv_len, cfg):
     else:
         part = stats = out  # unused
     _decode_attn_kernel[(n, ng, splits)](
-        q, cache_k, cache_v, positions, out, part, stats, cache_k.stride(0), cache_k.stride(1), hn ** -0.5, chunk,
-        HPG=hpg, HN=hn, SPLITS=splits, IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
-        BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+        q, cache_k, cache_v, positions, slots, out, part, stats, cache_k.stride(0), cache_k.stride(1), hn ** -0.5,
+        chunk, HPG=hpg, HN=hn, SPLITS=splits, IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
+        BLOCK_D=block_d, num_warps=warps, num_stages=stages, **_pdl(q))
     if splits > 1:
         _decode_attn_combine[(n * ng,)](part, stats, out, HPG=hpg, HN=hn, SPLITS=splits, BLOCK_H=block_h,
-                                        BLOCK_D=block_d, num_warps=4)
+                                        BLOCK_D=block_d, num_warps=4, **_pdl(q))
     return out
 
 
@@ -308,9 +353,12 @@ def _attn_launch(q, cache_k, cache_v, positions, kv_len, cfg):
 if triton is not None:
     @triton.jit
     def _skinny_mm_kernel(X, W, Y, M, N, K, stride_x, stride_w, stride_y, RELU2: tl.constexpr,
-                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr):
         """y[:M, tile] = x[:M] @ W[tile]^T for one BLOCK_N tile of W's rows, streaming W once (the step's M <= 16
         rows ride along in one padded tensor-core tile). RELU2: y = relu(round(y))^2, the MLP's activation."""
+        if PDL:
+            _pdl_enter()
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
@@ -348,7 +396,7 @@ def _skinny_launch(x, w, y, relu2, cfg):
     N = w.shape[0]
     _skinny_mm_kernel[(triton.cdiv(N, bn),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
                                              RELU2=relu2, IEEE=x.dtype == torch.float32, BLOCK_M=SKINNY_MAX_ROWS,
-                                             BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                                             BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_pdl(x))
 
 
 _l2_scratch: Dict[torch.device, torch.Tensor] = {}
@@ -453,10 +501,12 @@ if triton is not None:
     def _ln_skinny_mm_kernel(X, D, S, G, Bt, W, Y, M, N, K, eps, stride_w, stride_y,
                              HAS_D: tl.constexpr, RELU2: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_KF: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """y = LayerNorm(x + d) @ W[tile]^T for M <= ROWS rows: `_add_ln_kernel` then `_skinny_mm_kernel` in one
         launch. Every program recomputes the rows' statistics (the rows are a few KB, read from L2) exactly as
         `_add_ln_kernel` does; program 0 also stores s = x + d, the new residual."""
+        if PDL:
+            _pdl_enter()
         pid = tl.program_id(0)
         act = S.dtype.element_ty
         kf = tl.arange(0, BLOCK_KF)
@@ -523,7 +573,7 @@ def _ln_launch(x, delta, s, gamma, beta, eps, w, y, relu2, cfg):
         x, delta if delta is not None else x, s, gamma, beta, w, y, M, N, K, eps, w.stride(0), y.stride(0),
         HAS_D=delta is not None, RELU2=relu2, IEEE=x.dtype == torch.float32, ROWS=LN_FUSE_MAX_ROWS,
         BLOCK_M=SKINNY_MAX_ROWS, BLOCK_KF=triton.next_power_of_2(K), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        num_stages=stages)
+        num_stages=stages, **_pdl(x))
 
 
 def add_layer_norm_linear(x: torch.Tensor, delta: Optional[torch.Tensor], gamma: torch.Tensor,
