@@ -83,7 +83,7 @@ for n, ng, hpg, hn, S, kv in [(3, 2, 3, 24, 200, 150), (2, 2, 4, 32, 64, 64), (1
     tri, ref = both(lambda: kernels.decode_attention(q, ck, cv, pos, slots, kv))
     torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-5)
 
-for M, N, K in [(1, 48, 40), (3, 100, 300), (16, 64, 512)]:
+for M, N, K in [(1, 48, 40), (3, 100, 300), (16, 64, 512), (40, 70, 96)]:  # 40 rows: the wide configs
     x, w = torch.randn(M, K), torch.randn(N, K)
     for out_dtype, relu2 in ((None, False), (torch.float32, False), (None, True)):
         tri, ref = both(lambda: kernels.decode_linear(x, w, out_dtype, relu2))

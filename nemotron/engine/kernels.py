@@ -355,7 +355,7 @@ if triton is not None:
     def _skinny_mm_kernel(X, W, Y, M, N, K, stride_x, stride_w, stride_y, RELU2: tl.constexpr,
                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PDL: tl.constexpr):
-        """y[:M, tile] = x[:M] @ W[tile]^T for one BLOCK_N tile of W's rows, streaming W once (the step's M <= 16
+        """y[:M, tile] = x[:M] @ W[tile]^T for one BLOCK_N tile of W's rows, streaming W once (the step's M <= 64
         rows ride along in one padded tensor-core tile). RELU2: y = relu(round(y))^2, the MLP's activation."""
         if PDL:
             _pdl_enter()
@@ -385,7 +385,17 @@ if triton is not None:
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per weight shape; the fastest (or cuBLAS) is kept.
 SKINNY_CONFIGS = ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4),
                   (64, 256, 8, 3), (32, 512, 4, 3), (16, 1024, 8, 2))
-SKINNY_MAX_ROWS = 16
+#: for 16 < M <= 64 rows: x is re-read from L2 by every program, so wider weight tiles
+SKINNY_CONFIGS_WIDE = ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3))
+SKINNY_MAX_ROWS = 64
+
+
+def skinny_configs(rows: int):
+    return SKINNY_CONFIGS if rows <= 16 else SKINNY_CONFIGS_WIDE
+
+
+def _block_m(rows: int) -> int:
+    return max(16, triton.next_power_of_2(rows))  # tl.dot needs 16
 _skinny_choice: Dict[Tuple, Optional[Tuple[int, int, int, int]]] = {}
 skinny_timings: Dict[str, Dict[str, float]] = {}  # what the choice was made from (the benchmark records it)
 
@@ -395,7 +405,7 @@ def _skinny_launch(x, w, y, relu2, cfg):
     M, K = x.shape
     N = w.shape[0]
     _skinny_mm_kernel[(triton.cdiv(N, bn),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-                                             RELU2=relu2, IEEE=x.dtype == torch.float32, BLOCK_M=SKINNY_MAX_ROWS,
+                                             RELU2=relu2, IEEE=x.dtype == torch.float32, BLOCK_M=_block_m(M),
                                              BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_pdl(x))
 
 
@@ -452,13 +462,14 @@ def _pick_skinny(x, w, out_dtype, relu2) -> Optional[Tuple[int, int, int, int]]:
     if mode == "cublas":
         return None
     if not x.is_cuda:  # Triton's interpreter (CPU tests): always the kernel, first config
-        return SKINNY_CONFIGS[0]
+        return skinny_configs(x.shape[0])[0]
     y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
     times = {"cublas": graph_time_ms(lambda: _cublas(x, w, out_dtype, relu2))}
-    for cfg in SKINNY_CONFIGS:
+    configs = skinny_configs(x.shape[0])
+    for cfg in configs:
         times[str(cfg)] = graph_time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
     skinny_timings[f"M{x.shape[0]} N{w.shape[0]} K{w.shape[1]} {str(out_dtype)[6:]}{' relu2' if relu2 else ''}"] = times
-    best = min(SKINNY_CONFIGS, key=lambda c: times[str(c)])
+    best = min(configs, key=lambda c: times[str(c)])
     if mode == "triton" or times[str(best)] < times["cublas"]:
         return best
     return None
@@ -475,7 +486,7 @@ def _cublas(x, w, out_dtype, relu2):
 def decode_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
                   relu2: bool = False) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T -> [M, N] in out_dtype (default x's; float32 keeps TP partial sums unrounded), then
-    relu^2 if asked. For M <= 16 on CUDA, whichever of cuBLAS and the skinny Triton kernel (per config) was
+    relu^2 if asked. For M <= 64 on CUDA, whichever of cuBLAS and the skinny Triton kernel (per config) was
     faster on first use of this shape runs from then on (NEMOTRON_DECODE_MATMUL=cublas|triton pins it)."""
     out_dtype = out_dtype or x.dtype
     if not _use_triton(x) or x.shape[0] > SKINNY_MAX_ROWS or (relu2 and out_dtype != x.dtype):
@@ -572,8 +583,8 @@ def _ln_launch(x, delta, s, gamma, beta, eps, w, y, relu2, cfg):
     _ln_skinny_mm_kernel[(triton.cdiv(N, bn),)](
         x, delta if delta is not None else x, s, gamma, beta, w, y, M, N, K, eps, w.stride(0), y.stride(0),
         HAS_D=delta is not None, RELU2=relu2, IEEE=x.dtype == torch.float32, ROWS=LN_FUSE_MAX_ROWS,
-        BLOCK_M=SKINNY_MAX_ROWS, BLOCK_KF=triton.next_power_of_2(K), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        num_stages=stages, **_pdl(x))
+        BLOCK_M=_block_m(LN_FUSE_MAX_ROWS), BLOCK_KF=triton.next_power_of_2(K), BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages, **_pdl(x))
 
 
 def add_layer_norm_linear(x: torch.Tensor, delta: Optional[torch.Tensor], gamma: torch.Tensor,
