@@ -22,6 +22,8 @@ log = logging.getLogger("nemotron")
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 STARS = "***************************"
+#: `inference.*` keys of ours that configure the engine rather than the CLI's request
+ENGINE_KEYS = ("max_batch_size", "prefill_chunk_tokens")
 
 
 class UsageError(ValueError):
@@ -40,6 +42,10 @@ def check_supported(cfg: DictConfig) -> None:
     accel = str(cfg.trainer.get("accelerator", "auto"))
     if accel not in ("auto", "gpu", "cuda", "cpu"):
         raise UsageError(f"unsupported trainer.accelerator: {accel!r} (use auto, gpu or cpu)")
+    for key, low in (("max_batch_size", 1), ("prefill_chunk_tokens", 0)):
+        value = cfg.inference.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UsageError(f"inference.{key} must be an integer >= {low}, got {value!r}")
 
 
 def load_prompts(cfg: DictConfig) -> list:
@@ -162,7 +168,8 @@ def run(cfg: DictConfig) -> int:
     if ps.rank == 0:
         log.info("loaded %s (%s, %s) on %d rank(s) in %.1f s", path, loaded.format, str(dtype).replace("torch.", ""),
                  ps.world_size, time.perf_counter() - started)
-    engine = Engine(loaded.model, loaded.tokenizer, max_slots=int(cfg.inference.get("max_batch_size", 128)))
+    engine = Engine(loaded.model, loaded.tokenizer, max_slots=int(cfg.inference.get("max_batch_size", 128)),
+                    prefill_chunk=int(cfg.inference.get("prefill_chunk_tokens", 512)))
     runtime.start_heartbeats()
     runtime.barrier()  # every rank has its shard: only now may rank 0 report healthy
 
@@ -175,7 +182,7 @@ def run(cfg: DictConfig) -> int:
     try:
         prompts = load_prompts(cfg)
         if prompts:
-            inference = {k: v for k, v in OmegaConf.to_container(cfg.inference).items() if k != "max_batch_size"}
+            inference = {k: v for k, v in OmegaConf.to_container(cfg.inference).items() if k not in ENGINE_KEYS}
             request = request_from_inference_config(inference, prompts)
             response = coordinator.generate(request)
             print(STARS)

@@ -18,8 +18,9 @@ is configured and the request does not carry it (every route but ``/health``), 4
 methods (``OPTIONS`` included), 503 while not ready or shutting down, 500 when generation fails (the ranks stay in
 step and the server keeps serving). No HTML page and no traceback ever reaches a client.
 
-Requests arrive concurrently on waitress's worker threads; the coordinator's lock runs them one batch at a time
-(NeMo did the same with a module-level lock), each getting its own answer.
+Requests arrive concurrently on waitress's worker threads; the coordinator runs them together, each joining the
+engine's running batch at its next iteration (NeMo ran one at a time under a module-level lock), and each thread
+gets its own answer.
 """
 from __future__ import annotations
 

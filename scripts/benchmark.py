@@ -21,6 +21,7 @@ weights and each rank draws only what its shard needs. Then, on the same card:
         --layers auto --slope-layers 4 --batches 1 --extrapolate
     torchrun --nproc-per-node 4 scripts/benchmark.py --suite decode --tp 2 --pp 2 --preset bench-8b --batches 1
     python scripts/benchmark.py --suite kernels --preset bench-8b   # decode kernels alone vs cuBLAS / SDPA
+    python scripts/benchmark.py --suite batching --preset bench-8b  # chunked prefill stall, batching throughput
 
 Runs on CPU too (`--device cpu --preset tiny`), without graphs, to check the harness. Imports neither
 megatron-core nor hydra nor flask.
@@ -370,11 +371,11 @@ def check_kernels(ctx: Ctx, model: NemotronModel):
     out["decode_attention_max_rel_diff"] = float(d.max() / att_out[1].abs().max())
     # Skinny matmul (every config, forced) vs cuBLAS, bf16 out and fp32 out, at the fc1 shape.
     w = model.decoder.layers[0].mlp.linear_fc1.weight
-    for m in (1, 8):
+    for m in (1, 8, 64):
         xm = torch.randn(m, w.shape[1], generator=g.manual_seed(9), device=ctx.dev, dtype=torch.bfloat16)
         ref = torch.mm(xm, w.t(), out_dtype=torch.float32)
         worst = 0.0
-        for cfg_ in kernels_mod.SKINNY_CONFIGS:
+        for cfg_ in kernels_mod.skinny_configs(m):
             for od in (torch.bfloat16, torch.float32):
                 y = torch.empty(m, w.shape[0], dtype=od, device=ctx.dev)
                 kernels_mod._skinny_launch(xm, w, y, False, cfg_)
@@ -527,9 +528,7 @@ def engine_ms(ctx: Ctx, model, stepper, prompts, steps) -> float:
     from nemotron.engine.engine import Engine
     from nemotron.engine.request import parse_request
     b = prompts.shape[0]
-    eng = Engine(model, BenchTokenizer(model.cfg.padded_vocab_size), max_slots=max(128, b), cuda_graphs=False)
-    eng.graphs = stepper.graphs  # share the captured graphs and the cache
-    eng.cache = stepper.cache
+    eng = Engine(model, BenchTokenizer(model.cfg.padded_vocab_size), max_slots=max(128, b))  # its own cache, graphs
     rows = prompts.tolist()
 
     def req(n):
@@ -538,7 +537,82 @@ def engine_ms(ctx: Ctx, model, stepper, prompts, steps) -> float:
     eng.generate(req(steps), prompts=rows)  # warm-up
     t1 = wall_ms(ctx, lambda: eng.generate(req(1), prompts=rows))
     tn = wall_ms(ctx, lambda: eng.generate(req(steps), prompts=rows))
+    del eng
     return (tn - t1) / (steps - 1)
+
+
+def bench_request(rows: int, tokens: int):
+    from nemotron.engine.request import parse_request
+    return parse_request({"sentences": ["x"] * rows, "tokens_to_generate": tokens, "min_tokens_to_generate": tokens,
+                          "greedy": True, "end_strings": [], "add_BOS": False}, max_sentences=None)
+
+
+@torch.inference_mode()
+def batching_suite(ctx: Ctx, model, long_prompt: int, chunks=(0, 2048, 512, 256), requests_n: int = 24):
+    """Continuous batching on one engine, through `Engine.submit` / `step` (what the server's engine loop runs):
+
+    * stall: 8 rows decode; a long prompt joins. Per prefill chunk size (0 = the whole prompt in one iteration):
+      iteration ms before it joins and while it prefills (max and mean), and its time to first token;
+    * throughput: `requests_n` one-row requests (prompt 128, 16..128 new tokens) submitted at once, run together vs
+      one after another (NeMo's server order). Each scenario runs twice; the second (graphs captured) is timed."""
+    from nemotron.engine.engine import Engine
+    V = model.cfg.padded_vocab_size
+    tok = BenchTokenizer(V)
+    g = torch.Generator().manual_seed(11)
+
+    def prompts(rows, n):
+        return torch.randint(10, V, (rows, n), generator=g).tolist()
+
+    def timed_step(eng):
+        t = time.perf_counter()
+        eng.step()
+        ctx.sync()
+        return (time.perf_counter() - t) * 1e3
+
+    out = {"long_prompt": long_prompt, "stall": {}}
+    for chunk in chunks:
+        eng = Engine(model, tok, max_slots=128, prefill_chunk=chunk)
+        eng.generate(bench_request(9, 2), prompts=prompts(9, long_prompt))  # size the cache once: no growth later
+        for attempt in range(2):
+            running = eng.submit(bench_request(8, 600), prompts(8, 128))
+            while not running.started:
+                eng.step()
+            before = [timed_step(eng) for _ in range(30)][10:]
+            joining = eng.submit(bench_request(1, 4), prompts(1, long_prompt))
+            during, steps = [], running.steps
+            while not joining.started:
+                during.append(timed_step(eng))
+            assert running.steps == steps + len(during), "a running row missed an iteration"
+            eng.abort()
+        out["stall"][str(chunk)] = {
+            "decode_8_rows_ms": statistics.median(before), "iterations_while_prefilling": len(during),
+            "max_iteration_ms": max(during), "mean_iteration_ms": statistics.mean(during),
+            "time_to_first_token_ms": sum(during)}
+        ctx.log(f"batching: chunk {chunk}:", {k: round(v, 2) for k, v in out["stall"][str(chunk)].items()})
+        del eng
+        ctx.save()
+    lengths = [16 + (112 * i) // (requests_n - 1) for i in range(requests_n)]
+    generated = sum(lengths)
+    eng = Engine(model, tok, max_slots=128)
+    rows = prompts(requests_n, 128)
+    for mode in ("together", "one_at_a_time"):
+        for attempt in range(2):
+            t = time.perf_counter()
+            if mode == "together":
+                jobs = [eng.submit(bench_request(1, n), [r]) for n, r in zip(lengths, rows)]
+                while not all(j.finished for j in jobs):
+                    eng.step()
+            else:
+                for n, r in zip(lengths, rows):
+                    eng.generate(bench_request(1, n), prompts=[r])
+            ctx.sync()
+            ms = (time.perf_counter() - t) * 1e3
+        out[mode] = {"requests": requests_n, "generated_tokens": generated, "ms": ms, "tok_s": generated / ms * 1e3}
+        ctx.log(f"batching: {requests_n} requests {mode}: {ms:.0f} ms, {generated / ms * 1e3:.0f} tok/s")
+    out["together_speedup"] = out["one_at_a_time"]["ms"] / out["together"]["ms"]
+    ctx.result["batching"] = out
+    ctx.save()
+    return out
 
 
 @torch.inference_mode()
@@ -763,11 +837,11 @@ def kernels_suite(ctx: Ctx, cfg: ModelConfig):
               "output": (V, h)}
     for name, (N, K) in shapes.items():
         w = torch.randn(N, K, dtype=torch.bfloat16, device=dev) * 0.02
-        for M in (1, 8, 16):
+        for M in (1, 8, 16, 64):
             x = torch.randn(M, K, dtype=torch.bfloat16, device=dev)
             y = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
             t = {"cublas": kernels_mod.graph_time_ms(lambda: F.linear(x, w))}
-            for c in kernels_mod.SKINNY_CONFIGS:
+            for c in kernels_mod.skinny_configs(M):
                 t[str(c)] = kernels_mod.graph_time_ms(lambda: kernels_mod._skinny_launch(x, w, y, False, c))
             best = min(t, key=t.get)
             res[f"mm_{name}_M{M}"] = {"N": N, "K": K, "ms": t, "best": best,
@@ -1004,8 +1078,9 @@ def main():
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (processes under torchrun = tp x pp)")
     ap.add_argument("--allreduce", choices=("peer", "nccl", "both"), default="both",
                     help="TP decode all-reduces: through the peers' memory, NCCL, or time both (decode suite)")
-    ap.add_argument("--suite", choices=("full", "decode", "kernels"), default="full",
-                    help="full: roofline, correctness, HF peer, decode, prefill (one GPU); decode: TP scaling")
+    ap.add_argument("--suite", choices=("full", "decode", "kernels", "batching"), default="full",
+                    help="full: roofline, correctness, HF peer, decode, prefill (one GPU); decode: TP scaling; "
+                         "batching: continuous batching and chunked prefill through the engine")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--batches", default="1,8,64,128")
     ap.add_argument("--prompt", type=int, default=128)
@@ -1064,6 +1139,9 @@ def main():
 
     if args.suite == "decode":
         decode_suite(ctx, model, cache)
+    elif args.suite == "batching":
+        del cache
+        guarded(ctx, "batching", batching_suite, ctx, model, min(args.prefill, cfg.max_position_embeddings - 8))
     else:
         hf = None
         if not args.no_hf:

@@ -70,7 +70,8 @@ def check_steps(model, cfg):
 
 
 def check_engine(model, tok):
-    """The same requests through the eager engine and through the graph protocol (uncaptured)."""
+    """The same requests through the eager engine and through the graph protocol (uncaptured), one at a time and
+    both in flight together."""
     eager = Engine(model, tok)
     graph = Engine(model, tok)
     graph.graphs = DecodeGraphs(model, capture=False)
@@ -83,9 +84,14 @@ def check_engine(model, tok):
     ]
     out = {}
     for name, engine in (("eager", eager), ("graph", graph)):
-        got = [engine.generate(parse_request(r)) for r in requests]
+        alone = [engine.generate(parse_request(r)) for r in requests]
+        # Both requests in flight together (continuous batching): rows of both in each decode step.
+        jobs = [engine.submit(parse_request(r), engine.tokenize(parse_request(r))) for r in requests]
+        while not all(job.finished for job in jobs):
+            engine.step()
         if model.ps.rank == 0:
-            out[name] = [{"token_ids": g["token_ids"], "logprob": g.get("logprob")} for g in got]
+            for key, got in ((name, alone), (name + "_together", [job.response for job in jobs])):
+                out[key] = [{"token_ids": g["token_ids"], "logprob": g.get("logprob")} for g in got]
     out["graph_cache_slots"] = graph.cache.num_slots
     return out
 

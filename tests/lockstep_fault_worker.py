@@ -1,5 +1,5 @@
-"""One rank of the lockstep fault test (run under torchrun, TP2 gloo): generation raises on every rank for a
-request whose prompt is "FAIL" (injected into this process's engine); rank 0 must get GenerationError, and the
+"""One rank of the lockstep fault test (run under torchrun, TP2 gloo): an engine iteration raises on every rank
+while a request whose prompt is "FAIL" runs (injected into this process's engine); rank 0 must get GenerationError, and the
 ranks must stay in step so the next request succeeds. Rank 0 writes what it saw to OUT as JSON."""
 import json
 import os
@@ -20,10 +20,10 @@ from nemotron.tokenizer import Tokenizer  # noqa: E402
 
 
 class FaultyEngine(Engine):
-    def generate(self, req, prompts=None):
-        if req.sentences[0] == "FAIL":  # every rank sees the same request, so every rank fails here
-            raise MemoryError("injected: cannot allocate the KV cache")
-        return super().generate(req, prompts)
+    def _prefill(self):
+        if any(job.req.sentences[0] == "FAIL" for job in self.active):  # every rank runs the same jobs, so
+            raise MemoryError("injected: cannot allocate the KV cache")   # every rank fails here, in one iteration
+        super()._prefill()
 
 
 def main():

@@ -34,17 +34,19 @@ def check_layout(ranks):
         # Slots 0..2 hold the same keys/values on every stage (each stage writes its own layers' cache).
         assert steps["cache_k"] <= 1e-5 and steps["cache_v"] <= 1e-5, (r["rank"], steps)
         assert steps["cache_slots"] == 4  # 3 rows + the padding slot (3)
-        assert r["engine"]["graph_cache_slots"] == 4
+        assert r["engine"]["graph_cache_slots"] == 9  # 3 + 2 rows together: 8 slots (a power of two) + padding
         if r["last_stage"]:
             assert steps["worst_logits"] <= 1e-5, f"rank {r['rank']}: graph-path logits off by {steps['worst_logits']}"
             assert steps["shapes"][0] == [3, 512] and steps["shapes"][5] == [1, 512]
         else:
             assert steps["none_off_last"], f"rank {r['rank']}: a non-last stage got logits"
     eng = ranks[0]["engine"]
-    for eager, graph in zip(eng["eager"], eng["graph"]):
-        assert graph["token_ids"] == eager["token_ids"]
-        for g, e in zip(graph["logprob"] or [], eager["logprob"] or []):  # rows differ in length
-            torch.testing.assert_close(torch.tensor(g), torch.tensor(e), atol=1e-5, rtol=1e-5)
+    # eager vs graph, and each of them alone vs with the other request in the same batches
+    for a, b in (("eager", "graph"), ("eager", "eager_together"), ("graph", "graph_together")):
+        for x, y in zip(eng[a], eng[b]):
+            assert x["token_ids"] == y["token_ids"], (a, b)
+            for g, e in zip(x["logprob"] or [], y["logprob"] or []):  # rows differ in length
+                torch.testing.assert_close(torch.tensor(g), torch.tensor(e), atol=1e-5, rtol=1e-5)
     assert eng["eager"][1]["logprob"] is not None  # the sampled request did carry log-probs to rank 0
 
 

@@ -1,20 +1,33 @@
-"""The slot-based generation engine: NeMo's `generate` semantics over a static KV cache.
+"""The slot-based generation engine: NeMo's `generate` semantics for many requests at once over one KV cache.
 
-A request's rows each get a cache slot. Each row is prefilled at its own length (NeMo instead started every
-row at the shortest prompt and teacher-forced the rest one token per step), then all rows advance one token per
-decode step. Finished rows are fed EOS (NeMo's "EOS fill") until every row is done or `tokens_to_generate`
-steps have run. Because slots are independent, rows could join and leave at step boundaries; the CUDA-graph
-decode path reuses the same slots.
+A request is a `Job`; each of its rows (sentences) owns a cache slot from admission to the end. The engine runs
+*iterations* (`step`), and requests join and leave at iteration boundaries (continuous batching):
 
-Distributed lockstep: every rank calls `generate` with the same request. Rank 0 alone returns the response;
-the last pipeline stage's first TP rank samples and broadcasts each step's tokens to every rank.
+1. admit: queued jobs, in arrival order, take free slots (the cache grows when it must, copying what it holds);
+2. prefill: at most `prefill_chunk` prompt tokens of the oldest unfinished prompts, in one forward (rows at the
+   same offset with the same chunk length share it). A long prompt is spread over several iterations, so the rows
+   of other requests keep decoding meanwhile instead of stalling behind it (chunked prefill);
+3. decode: every row of every started job is fed its newest token, in one forward (a CUDA graph on GPU);
+4. sample: those rows, and the rows of jobs whose prompts just finished prefilling, get one new token each.
+   A job's rows advance together as in NeMo: a finished row is fed EOS ("EOS fill") until all its rows are done or
+   `tokens_to_generate` tokens were generated; then the job ends and frees its slots.
+
+Each row is prefilled at its own length (NeMo started every row at the shortest prompt and teacher-forced the
+rest). Sampling parameters are per row, so jobs with different settings share a batch; a job with `random_seed`
+draws from its own generator, so its tokens do not depend on what else runs.
+
+Distributed lockstep: every rank runs the same iterations over the same jobs (`nemotron.engine.lockstep` tells
+the other ranks which jobs rank 0 admitted); the last pipeline stage's first TP rank samples and broadcasts each
+iteration's tokens and done flags. Rank 0 alone builds responses.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from dataclasses import dataclass
-from typing import List, Optional
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -59,17 +72,67 @@ class StopRule:
         return any(tail.endswith(s) for s in self.texts)
 
 
+@dataclass
+class Row:
+    """One sentence of a job: its cache slot and its tokens (prompt, then generated)."""
+    index: int             # within its job
+    slot: int
+    tokens: List[int]
+    prompt_len: int
+    prefilled: int = 0     # prompt tokens already in the cache
+    done: bool = False
+    logprobs: List[float] = field(default_factory=list)            # sampler rank: log p(token t+1 | ..t)
+    full_logprobs: List[torch.Tensor] = field(default_factory=list)  # sampler rank: [n, V] blocks (all_probs)
+
+
+@dataclass
+class Job:
+    """A request in the engine. `response` (rank 0) or `error` is set when `finished`."""
+    id: int
+    req: GenerationRequest
+    prompts: List[List[int]]
+    stop: StopRule
+    rows: List[Row] = field(default_factory=list)  # set at admission
+    steps: int = 0                                 # tokens generated per row so far
+    started: bool = False                          # its first token was sampled: its rows decode
+    finished: bool = False
+    response: Optional[dict] = None
+    error: Optional[Exception] = None
+    # sampler rank only
+    first_logits: Optional[torch.Tensor] = None    # [rows, V] float32: each row's last prompt position
+    seen: Optional[torch.Tensor] = None            # [rows, V] bool: tokens of each row (repetition penalty)
+    generator: Optional[torch.Generator] = None    # random_seed: this job's own draws
+
+    @property
+    def prefilled(self) -> bool:
+        return all(r.prefilled == r.prompt_len for r in self.rows)
+
+    @property
+    def positions_needed(self) -> int:
+        return max(len(p) for p in self.prompts) + self.req.tokens_to_generate
+
+
 class Engine:
     def __init__(self, model: NemotronModel, tokenizer: Tokenizer, max_slots: int = 128,
-                 cuda_graphs: Optional[bool] = None):
-        """cuda_graphs: decode through captured CUDA graphs (nemotron.engine.graphs; one per stage under
-        pipeline parallelism). None means on when the model is on CUDA, unless NEMOTRON_CUDA_GRAPHS=0; elsewhere
-        decode is eager. Every rank must make the same choice: the graph and eager paths are separate protocols."""
+                 cuda_graphs: Optional[bool] = None, prefill_chunk: int = 512):
+        """max_slots: the most rows in flight (all jobs together), so also the most sentences of one request.
+        prefill_chunk: prompt tokens per iteration (0: whole prompts). cuda_graphs: decode through captured CUDA
+        graphs (nemotron.engine.graphs; one per stage under pipeline parallelism). None means on when the model is
+        on CUDA, unless NEMOTRON_CUDA_GRAPHS=0; elsewhere decode is eager. Every rank must use the same settings:
+        they decide the iterations, which all ranks run in lockstep."""
+        if max_slots < 1 or prefill_chunk < 0:
+            raise ValueError(f"max_slots must be >= 1 and prefill_chunk >= 0 (got {max_slots}, {prefill_chunk})")
         self.model, self.tokenizer, self.ps = model, tokenizer, model.ps
         self.cfg = model.cfg
-        self.max_slots = max_slots
+        self.max_slots, self.prefill_chunk = max_slots, prefill_chunk
         self.device = next(model.parameters()).device
         self.cache: Optional[KVCache] = None
+        self.free_slots: List[int] = []
+        self.queue: Deque[Job] = deque()
+        self.active: List[Job] = []
+        self._ids = itertools.count()
+        self._sampler = self.ps.rank == self.ps.last_stage_leader
+        self._distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.graphs = None
         want = cuda_graphs if cuda_graphs is not None else os.environ.get("NEMOTRON_CUDA_GRAPHS", "1") != "0"
         if want and self.device.type == "cuda":
@@ -80,10 +143,10 @@ class Engine:
             else:
                 log.info("CUDA-graph decode off: %s", why)
 
-    # --- request preparation (rank 0 runs this before anything is broadcast) ---------------------------------
+    # --- requests in and out ---------------------------------------------------------------------------------
 
     def tokenize(self, req: GenerationRequest) -> List[List[int]]:
-        """Prompt ids per row; raises RequestError for what the model cannot serve."""
+        """Prompt ids per row; raises RequestError for what the model cannot serve (rank 0, before any broadcast)."""
         if len(req.sentences) > self.max_slots:
             raise RequestError(f"Maximum number of sentences is {self.max_slots}")
         rows = []
@@ -100,149 +163,289 @@ class Engine:
             rows.append(ids)
         return rows
 
-    def _ensure_cache(self, slots: int, max_seq: int) -> KVCache:
-        c = self.cache
-        if self.graphs is not None:  # a batch replays in its bucket's graph; padding rows use spare slots
-            slots = self.graphs.slots_for(slots)
-        if c is None or c.num_slots < slots or c.max_seq < max_seq:
-            self.cache = None  # free the old one first
-            slots = max(slots, c.num_slots if c else 0)
-            max_seq = max(-(-max_seq // 64) * 64, c.max_seq if c else 0)
-            self.cache = self.model.new_cache(slots, min(max_seq, self.cfg.max_position_embeddings))
-        return self.cache
+    def submit(self, req: GenerationRequest, prompts: List[List[int]], job_id: Optional[int] = None) -> Job:
+        """Queue a job; it is admitted at the next `step`. Every rank submits the same jobs in the same order."""
+        job = Job(next(self._ids) if job_id is None else job_id, req, [list(p) for p in prompts],
+                  StopRule.build(self.tokenizer, req.end_strings))
+        self.queue.append(job)
+        return job
 
-    # --- generation ------------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.active)
+
+    def abort(self) -> List[Job]:
+        """Drop every queued and running job (after a failure on some rank); returns them."""
+        dropped = list(self.active) + list(self.queue)
+        for job in self.active:
+            self.free_slots.extend(r.slot for r in job.rows)
+        self.free_slots.sort()
+        self.active.clear()
+        self.queue.clear()
+        return dropped
 
     @torch.inference_mode()
     def generate(self, req: GenerationRequest, prompts: Optional[List[List[int]]] = None) -> Optional[dict]:
-        """Run `req` on every rank in lockstep; rank 0 gets NeMo's response dict, the others None."""
-        prompts = prompts if prompts is not None else self.tokenize(req)
-        if req.random_seed is not None:
-            from lightning_fabric.utilities.seed import seed_everything
-            seed_everything(req.random_seed, verbose=False)
+        """Run one request to the end (every rank calls this with the same request); rank 0 gets NeMo's response
+        dict, the other ranks None. Jobs submitted earlier advance too."""
+        job = self.submit(req, prompts if prompts is not None else self.tokenize(req))
+        while not job.finished:
+            self.step()
+        if job.error is not None:
+            raise job.error
+        return job.response
 
-        ps, dev, tok = self.ps, self.device, self.tokenizer
-        B = len(prompts)
-        lengths = [len(p) for p in prompts]
-        steps_max = req.tokens_to_generate
-        cache = self._ensure_cache(B, max(lengths) + steps_max)
-        sampler = ps.rank == ps.last_stage_leader
-        rows = [list(p) for p in prompts]
-        logprobs: List[List[float]] = [[] for _ in range(B)]  # per row: log p(token t+1 | ..t)
-        full_logprobs: List[List[torch.Tensor]] = [[] for _ in range(B)]  # per row: [n, V] blocks
+    # --- one iteration ---------------------------------------------------------------------------------------
 
-        # Prefill: rows of equal length share one forward; each row is written to its own slot.
-        last_logits = torch.empty(B, self.cfg.padded_vocab_size, device=dev) if sampler else None
-        for length in sorted(set(lengths)):
-            idx = [b for b in range(B) if lengths[b] == length]
-            tokens = torch.tensor([prompts[b] for b in idx], device=dev)
-            positions = torch.arange(length, device=dev).expand(len(idx), length)
-            batch = Batch(positions, torch.tensor(idx, device=dev), kv_len=length, from_start=True)
-            want = "all" if req.compute_logprob else "last"
-            logits = forward_logits(self.model, tokens, batch, cache, positions=want)
-            if sampler:
-                if req.compute_logprob:
-                    self._prompt_logprobs(logits, tokens, idx, req, logprobs, full_logprobs)
-                    logits = logits[:, -1]
-                last_logits[idx] = logits
+    @torch.inference_mode()
+    def step(self) -> List[Job]:
+        """Admit, prefill one chunk, decode one token for every started row, sample; returns the jobs that ended."""
+        ended = self._admit()
+        self._prefill()
+        decoding = [job for job in self.active if job.started]
+        logits = self._decode(decoding) if decoding else None
+        ready = [job for job in self.active if not job.started and job.prefilled]
+        if decoding or ready:
+            ended += self._sample(decoding + ready, logits)
+        return ended
 
-        # Sampling state (used by the sampler rank only).
-        if sampler:
-            greedy = torch.full((B,), req.greedy, device=dev)
-            temperature = torch.full((B,), float(req.temperature), device=dev)
-            top_k = torch.full((B,), int(req.top_k), device=dev)
-            top_p = torch.full((B,), float(req.top_p), device=dev)
-            penalty = torch.full((B,), float(req.repetition_penalty), device=dev)
-            seen = torch.zeros(B, self.cfg.padded_vocab_size, dtype=torch.bool, device=dev)
-            if req.repetition_penalty != 1.0:
-                for b, p in enumerate(prompts):
-                    seen[b, torch.tensor(p, device=dev)] = True
-        stop = StopRule.build(tok, req.end_strings)
-        done = [False] * B
-        step_out = torch.empty(2, B, dtype=torch.long, device=dev)  # [new tokens; done flags]
+    # --- admission and the cache -----------------------------------------------------------------------------
 
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        for step in range(steps_max):
-            if sampler:
-                logits = last_logits
-                if req.compute_logprob:  # NeMo scores tokens with the model's raw distribution
-                    raw_lp = torch.log_softmax(logits, dim=-1)
-                suppress = torch.full((B,), step < req.min_tokens_to_generate, device=dev)
-                logits = mask_logits(logits, tok.vocab_size, tok.eos_id, suppress)
-                if req.repetition_penalty != 1.0:
-                    logits = apply_repetition_penalty(logits, seen, penalty)
-                if req.greedy:  # what `sample` returns when every row is greedy, without its host sync
-                    new = logits.argmax(dim=-1)
-                else:
-                    new = sample(logits, greedy, temperature, top_k, top_p)
-                new = new.clamp_(max=tok.vocab_size - 1)
-                if any(done):
-                    new = torch.where(torch.tensor(done, device=dev), tok.eos_id, new)
-                step_out[0] = new
-                if req.compute_logprob:
-                    picked = raw_lp.gather(1, new.view(-1, 1)).view(-1).tolist()
-                    for b in range(B):
-                        logprobs[b].append(picked[b])
-                        if req.all_probs:
-                            full_logprobs[b].append(raw_lp[b:b + 1].cpu())
-                new_list = new.tolist()  # the step's one device-to-host sync
-                flags = []
-                for b in range(B):
-                    t = new_list[b]
-                    flags.append(done[b] or t in stop.ids
-                                 or (bool(stop.texts) and stop.stops(tok, rows[b] + [t], t)))
-                if distributed:
-                    step_out[1] = torch.tensor(flags, device=dev)
-            if distributed:
-                broadcast_from(step_out, ps.last_stage_leader)
-                new_tokens, flags = step_out.tolist()
-            else:
-                new_tokens = new_list
-            for b in range(B):
-                rows[b].append(new_tokens[b])
-            done = [bool(x) for x in flags]
-            if sampler and req.repetition_penalty != 1.0:
-                seen[torch.arange(B, device=dev), step_out[0]] = True
-            if all(done) or step == steps_max - 1:
+    def _admit(self) -> List[Job]:
+        """Give queued jobs slots, in arrival order (a job that does not fit yet waits, and so do those behind it).
+        Returns jobs refused because their cache cannot be allocated."""
+        refused = []
+        while self.queue:
+            job = self.queue[0]
+            rows = len(job.prompts)
+            in_use = sum(len(j.rows) for j in self.active)
+            if in_use + rows > self.max_slots:
                 break
-            # Decode: feed every row its newest token at its own position.
-            pos_list = [len(r) - 1 for r in rows]
-            kv_len = max(pos_list) + 1
-            # Same branch on every rank (same B, same graphs setting); under PP the graph path passes hidden
-            # states between stages like forward_logits and returns None off the last stage.
-            if self.graphs is not None and self.graphs.handles(B):
-                logits = self.graphs.run(step_out[0], pos_list, kv_len, cache)
-            else:
-                positions = torch.tensor([[p] for p in pos_list], device=dev)
-                batch = Batch(positions, slice(0, B), kv_len=kv_len, from_start=False)
-                logits = forward_logits(self.model, step_out[0].view(B, 1), batch, cache, positions="last")
-            if sampler:
-                last_logits = logits
+            if not self._fit_cache(in_use + rows, job.positions_needed):
+                if self.active:
+                    break  # retried when the running jobs have ended and their cache can be freed first
+                self.queue.popleft()
+                job.finished = True
+                job.error = RequestError(
+                    f"the KV cache for {rows} sentences of up to {job.positions_needed} positions does not fit in "
+                    f"memory; send fewer sentences or a smaller tokens_to_generate")
+                refused.append(job)
+                continue
+            self.queue.popleft()
+            job.rows = [Row(b, self.free_slots.pop(0), list(p), len(p)) for b, p in enumerate(job.prompts)]
+            if self._sampler:
+                job.first_logits = torch.empty(rows, self.cfg.padded_vocab_size, device=self.device)
+                if job.req.random_seed is not None:
+                    job.generator = torch.Generator(device=self.device).manual_seed(job.req.random_seed)
+            self.active.append(job)
+        return refused
 
-        return self._respond(req, rows, logprobs, full_logprobs)
+    def _fit_cache(self, rows: int, positions: int) -> bool:
+        """Make the cache hold `rows` rows of `positions` positions, plus the last slot, which the graphs' padding
+        rows write to. It grows in powers of two (rarely, then); the running rows' keys are copied over, or, when
+        none run, the old cache is freed first. Every rank agrees on success before going on."""
+        c = self.cache
+        if c is not None and c.num_slots - 1 >= rows and c.max_seq >= positions:
+            return True
+        old_usable, old_seq = (c.num_slots - 1, c.max_seq) if c is not None else (0, 0)
+        usable = min(self.max_slots, 1 << (max(rows, old_usable) - 1).bit_length())
+        seq = min(self.cfg.max_position_embeddings, max(64, 1 << (max(positions, old_seq) - 1).bit_length()))
+        keep = c is not None and bool(self.active)
+        if not keep:
+            self.cache = c = None
+            if self.graphs is not None:
+                self.graphs.reset()  # they hold the old cache too
+        try:
+            new = self.model.new_cache(usable + 1, seq)
+            if keep:  # rows keep their slot numbers
+                new.k[:, :old_usable, :, :old_seq].copy_(c.k[:, :old_usable])
+                new.v[:, :old_usable, :, :old_seq].copy_(c.v[:, :old_usable])
+            ok = True
+        except (torch.OutOfMemoryError, MemoryError):
+            new, ok = None, False
+        if not self._all_ranks(ok):
+            return False
+        self.cache = new
+        self.free_slots = sorted(set(self.free_slots) | set(range(old_usable, usable))) if keep else list(range(usable))
+        log.info("KV cache: %d slots x %d positions", usable, seq)
+        return True
 
-    # --- log-probabilities -----------------------------------------------------------------------------------
+    def _all_ranks(self, ok: bool) -> bool:
+        if not self._distributed:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.long, device=self.device)
+        dist.all_reduce(flag)
+        return int(flag) == 0
+
+    # --- prefill ---------------------------------------------------------------------------------------------
+
+    def _prefill(self) -> None:
+        """One forward of prompt tokens: the oldest unprefilled row's next chunk, with every other row at the same
+        offset, chunk length and log-prob setting, up to `prefill_chunk` tokens in all."""
+        pending = [(job, row) for job in self.active if not job.started for row in job.rows
+                   if row.prefilled < row.prompt_len]
+        if not pending:
+            return
+        budget = self.prefill_chunk or 1 << 62
+
+        def chunk(row):
+            return min(budget, row.prompt_len - row.prefilled)
+        job0, row0 = pending[0]
+        start, T, want_all = row0.prefilled, chunk(row0), job0.req.compute_logprob
+        group = [(j, r) for j, r in pending
+                 if r.prefilled == start and chunk(r) == T and j.req.compute_logprob == want_all]
+        group = group[:max(1, budget // T)]
+        n, dev = len(group), self.device
+        tokens = torch.tensor([r.tokens[start:start + T] for _, r in group], device=dev)
+        positions = torch.arange(start, start + T, device=dev).expand(n, T)
+        slots = torch.tensor([r.slot for _, r in group], device=dev)
+        batch = Batch(positions, slots, kv_len=start + T, from_start=start == 0)
+        logits = forward_logits(self.model, tokens, batch, self.cache, positions="all" if want_all else "last")
+        for i, (job, row) in enumerate(group):
+            row.prefilled += T
+            if not self._sampler:
+                continue
+            if want_all:
+                self._prompt_logprobs(logits[i], row, start, T, job.req.all_probs)
+            if row.prefilled == row.prompt_len:
+                job.first_logits[row.index] = logits[i, -1] if want_all else logits[i]
 
     @staticmethod
-    def _prompt_logprobs(logits, tokens, idx, req, logprobs, full_logprobs):
-        """logits [n, T, V] -> log p(prompt token t+1 | tokens ..t) for t < T-1 (the model's raw distribution)."""
-        lp = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = torch.gather(lp, 2, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-        for j, b in enumerate(idx):
-            logprobs[b].extend(picked[j].tolist())
-            if req.all_probs:
-                full_logprobs[b].append(lp[j].cpu())
+    def _prompt_logprobs(logits: torch.Tensor, row: Row, start: int, T: int, all_probs: bool) -> None:
+        """logits [T, V] of prompt positions start..start+T-1 -> log p(prompt token t+1 | ..t) for those t whose
+        next token is in the prompt (the model's raw distribution)."""
+        targets = row.tokens[start + 1:min(start + T + 1, row.prompt_len)]
+        if not targets:
+            return
+        lp = torch.log_softmax(logits[:len(targets)], dim=-1)
+        picked = lp.gather(1, torch.tensor(targets, device=lp.device).view(-1, 1)).view(-1)
+        row.logprobs.extend(picked.tolist())
+        if all_probs:
+            row.full_logprobs.append(lp.cpu())
 
-    # --- response --------------------------------------------------------------------------------------------
+    # --- decode ----------------------------------------------------------------------------------------------
 
-    def _respond(self, req, rows, logprobs, full_logprobs) -> Optional[dict]:
-        ps = self.ps
+    def _decode(self, jobs: List[Job]) -> Optional[torch.Tensor]:
+        """Feed every row of `jobs` its newest token at its own position -> logits [rows, V] on the sampler."""
+        rows = [r for job in jobs for r in job.rows]
+        R, dev = len(rows), self.device
+        tokens = torch.tensor([r.tokens[-1] for r in rows], device=dev)
+        pos_list = [len(r.tokens) - 1 for r in rows]
+        slot_list = [r.slot for r in rows]
+        kv_len = max(pos_list) + 1
+        # The same branch on every rank (same rows, same graphs setting); under PP the graph path passes hidden
+        # states between stages like forward_logits and returns None off the last stage.
+        if self.graphs is not None and self.graphs.handles(R):
+            return self.graphs.run(tokens, pos_list, kv_len, self.cache, slots=slot_list)
+        batch = Batch(torch.tensor(pos_list, device=dev).view(R, 1), torch.tensor(slot_list, device=dev),
+                      kv_len=kv_len, from_start=False)
+        return forward_logits(self.model, tokens.view(R, 1), batch, self.cache, positions="last")
+
+    # --- sampling --------------------------------------------------------------------------------------------
+
+    def _sample(self, jobs: List[Job], decoded: Optional[torch.Tensor]) -> List[Job]:
+        """One new token for every row of `jobs` (the decoded ones first, whose logits are `decoded`, then jobs
+        whose prefill just completed); returns the jobs that ended."""
+        rows = [r for job in jobs for r in job.rows]
+        R, dev = len(rows), self.device
+        if self._sampler:
+            parts = [] if decoded is None else [decoded]
+            parts += [job.first_logits for job in jobs if not job.started]
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+            new_list, flags = self._choose(jobs, rows, logits)
+        if self._distributed:
+            step_out = torch.empty(2, R, dtype=torch.long, device=dev)  # [new tokens; done flags]
+            if self._sampler:
+                step_out.copy_(torch.tensor([new_list, [int(f) for f in flags]]))
+            broadcast_from(step_out, self.ps.last_stage_leader)
+            new_list, flags = step_out.tolist()
+        ended = []
+        i = 0
+        for job in jobs:
+            for row in job.rows:
+                row.tokens.append(new_list[i])
+                row.done = bool(flags[i])
+                i += 1
+            job.steps += 1
+            job.started = True
+            job.first_logits = None
+            if job.seen is not None:
+                job.seen[torch.arange(len(job.rows), device=dev), torch.tensor([r.tokens[-1] for r in job.rows],
+                                                                               device=dev)] = True
+            if all(r.done for r in job.rows) or job.steps >= job.req.tokens_to_generate:
+                self._end(job)
+                ended.append(job)
+        return ended
+
+    def _choose(self, jobs: List[Job], rows: List[Row], logits: torch.Tensor) -> Tuple[List[int], List[bool]]:
+        """The sampler's part: logits [R, V] float32 -> the rows' new tokens and done flags (host lists)."""
+        dev, tok = self.device, self.tokenizer
+        per_row = [job for job in jobs for _ in job.rows]
+        R = len(rows)
+        logprob_jobs = any(job.req.compute_logprob for job in jobs)
+        if logprob_jobs:  # NeMo scores tokens with the model's raw distribution
+            raw_lp = torch.log_softmax(logits, dim=-1)
+        suppress = [job.steps < job.req.min_tokens_to_generate for job in per_row]
+        logits = mask_logits(logits, tok.vocab_size, tok.eos_id,
+                             torch.tensor(suppress, device=dev) if any(suppress) else torch.zeros(R, dtype=torch.bool,
+                                                                                                   device=dev))
+        if any(job.req.repetition_penalty != 1.0 for job in jobs):
+            for job in jobs:
+                if job.req.repetition_penalty != 1.0 and job.seen is None:  # its prompt tokens count as seen
+                    job.seen = torch.zeros(len(job.rows), self.cfg.padded_vocab_size, dtype=torch.bool, device=dev)
+                    for b, r in enumerate(job.rows):
+                        job.seen[b, torch.tensor(r.tokens, device=dev)] = True
+            seen = torch.cat([job.seen if job.seen is not None else
+                              torch.zeros(len(job.rows), logits.shape[1], dtype=torch.bool, device=dev)
+                              for job in jobs])
+            penalty = torch.tensor([job.req.repetition_penalty for job in per_row], device=dev)
+            logits = apply_repetition_penalty(logits, seen, penalty)
+        if all(job.req.greedy for job in jobs):  # what `sample` returns when every row is greedy, without its sync
+            new = logits.argmax(dim=-1)
+        else:
+            greedy = torch.tensor([job.req.greedy for job in per_row], device=dev)
+            params = [(float(j.req.temperature), int(j.req.top_k), float(j.req.top_p)) for j in per_row]
+            temperature, top_k, top_p = (torch.tensor(v, device=dev) for v in zip(*params))
+            own, at = [], 0
+            for job in jobs:
+                if job.generator is not None and not job.req.greedy:
+                    own.append((at, at + len(job.rows), job.generator))
+                at += len(job.rows)
+            new = sample(logits, greedy, temperature, top_k, top_p, own_generators=own)
+        new = new.clamp_(max=tok.vocab_size - 1)
+        done = [r.done for r in rows]
+        if any(done):
+            new = torch.where(torch.tensor(done, device=dev), tok.eos_id, new)
+        if logprob_jobs:
+            picked = raw_lp.gather(1, new.view(-1, 1)).view(-1).tolist()
+            for i, (job, row) in enumerate(zip(per_row, rows)):
+                if job.req.compute_logprob:
+                    row.logprobs.append(picked[i])
+                    if job.req.all_probs:
+                        row.full_logprobs.append(raw_lp[i:i + 1].cpu())
+        new_list = new.tolist()  # the iteration's one device-to-host sync
+        flags = [row.done or t in job.stop.ids or (bool(job.stop.texts) and job.stop.stops(tok, row.tokens + [t], t))
+                 for job, row, t in zip(per_row, rows, new_list)]
+        return new_list, flags
+
+    # --- the end of a job --------------------------------------------------------------------------------------
+
+    def _end(self, job: Job) -> None:
+        self.active.remove(job)
+        self.free_slots = sorted(self.free_slots + [r.slot for r in job.rows])
+        job.finished = True
+        job.seen = job.generator = None
+        job.response = self._respond(job)
+
+    def _respond(self, job: Job) -> Optional[dict]:
+        req, ps = job.req, self.ps
+        rows = [r.tokens for r in job.rows]
         lp_rows = full_rows = None
         if req.compute_logprob:
-            if ps.rank == ps.last_stage_leader:
-                lp_rows = logprobs
+            if self._sampler:
+                lp_rows = [r.logprobs for r in job.rows]
                 if req.all_probs:
-                    full_rows = [torch.cat(f, dim=0) for f in full_logprobs]
+                    full_rows = [torch.cat(r.full_logprobs, dim=0) for r in job.rows]
             lp_rows, full_rows = self._to_rank0(lp_rows, full_rows, rows, req)
         if ps.rank != 0:
             return None
@@ -287,3 +490,6 @@ class Engine:
                 dist.recv(full, src=src)
                 full_rows = [full[b, : len(rows[b]) - 1].cpu() for b in range(B)]
         return lp_rows, full_rows
+
+
+__all__ = ["Engine", "Job", "StopRule", "ENDOFTEXT"]

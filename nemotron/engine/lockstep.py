@@ -1,27 +1,35 @@
-"""Rank 0 coordinates, every other rank follows: the command protocol that keeps ranks in lockstep.
+"""Rank 0 coordinates, every other rank follows: one engine loop, its iterations run in lockstep on every rank.
 
-Rank 0 validates and tokenizes a request *before* anything is broadcast, so a bad request never leaves a rank
-waiting. A command is an int64 header [kind, payload bytes] broadcast on the gloo control group, then the
-payload (UTF-8 JSON). While idle, rank 0 broadcasts NOOP heartbeats so followers' control-group waits never
-time out. After every GENERATE all ranks agree on success with one all-reduce, so an error raised on every rank
-(e.g. out of memory) becomes an error response and the ranks stay in step.
+Requests reach rank 0 from any thread (`Coordinator.generate`, e.g. the HTTP server's workers). They are validated
+and tokenized there, before anything is sent, so a bad request never reaches another rank. One thread on rank 0,
+the engine loop, owns the engine. Before each iteration it exchanges a header with every rank on the gloo control
+group, an all-reduce of int64 [command, payload bytes, failures] to which rank 0 gives the first two and every rank
+adds 1 to `failures` if its own previous iteration raised; then it broadcasts the payload, the jobs rank 0 admits
+(UTF-8 JSON). Then every rank runs `Engine.step`. So requests join the running batch at the next iteration
+(continuous batching), and every rank sees the same jobs in the same order.
+
+While idle, the loop sends NOOP headers, so followers' control-group waits never time out. When an iteration
+raised on any rank, every rank learns it from the next header and drops every job; rank 0 answers their requests
+with GenerationError, and the ranks stay in step for the next ones.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from nemotron.engine.engine import Engine
+from nemotron.engine.engine import Engine, Job
 from nemotron.engine.request import GenerationRequest, RequestError, parse_request, to_json_dict
 
 log = logging.getLogger("nemotron")
 
-NOOP, GENERATE, SHUTDOWN = 0, 1, 2
+NOOP, STEP, SHUTDOWN = 0, 1, 2
 
 
 class GenerationError(RuntimeError):
@@ -32,104 +40,159 @@ class _Control:
     def __init__(self, group: Optional[dist.ProcessGroup]):
         self.group = group
 
-    def send(self, kind: int, payload: bytes = b"") -> None:
-        header = torch.tensor([kind, len(payload)], dtype=torch.long)
-        dist.broadcast(header, src=0, group=self.group)
-        if payload:
-            dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=self.group)
-
-    def receive(self):
-        header = torch.empty(2, dtype=torch.long)
-        dist.broadcast(header, src=0, group=self.group)
-        kind, size = int(header[0]), int(header[1])
-        payload = b""
+    def exchange(self, kind: int, payload: bytes, failed: bool):
+        """Every rank calls this once per iteration; rank 0's kind and payload win -> (kind, payload, failures)."""
+        header = torch.tensor([kind, len(payload), int(failed)], dtype=torch.long)
+        dist.all_reduce(header, group=self.group)
+        kind, size, failures = header.tolist()
         if size:
-            buf = torch.empty(size, dtype=torch.uint8)
+            buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload
+                   else torch.empty(size, dtype=torch.uint8))
             dist.broadcast(buf, src=0, group=self.group)
             payload = bytes(buf.numpy())
-        return kind, payload
+        return kind, payload, failures
 
-    def all_ok(self, ok: bool) -> bool:
-        flag = torch.tensor([0 if ok else 1], dtype=torch.long)
-        dist.all_reduce(flag, group=self.group)
-        return int(flag) == 0
+
+@dataclass
+class _Ticket:
+    """A request waiting on rank 0 for its answer."""
+    req: GenerationRequest
+    prompts: List[List[int]]
+    done: threading.Event = field(default_factory=threading.Event)
+    response: Optional[dict] = None
+    error: Optional[Exception] = None
+
+    def answer(self, response: Optional[dict] = None, error: Optional[Exception] = None) -> None:
+        self.response, self.error = response, error
+        self.done.set()
 
 
 class Coordinator:
-    """Rank 0's handle on the model: `generate(request)` runs it on every rank. Thread-safe (one at a time)."""
+    """Rank 0's handle on the model: `generate(request)` from any thread; requests run together in the engine."""
 
     def __init__(self, engine: Engine, control_group: Optional[dist.ProcessGroup] = None,
                  heartbeat_s: float = 5.0):
         self.engine = engine
-        self.distributed = control_group is not None
-        self.control = _Control(control_group) if self.distributed else None
-        self.lock = threading.Lock()
-        self._closed = threading.Event()
-        if self.distributed:
-            threading.Thread(target=self._heartbeat, args=(heartbeat_s,), name="control-heartbeat",
-                             daemon=True).start()
+        self.control = _Control(control_group) if control_group is not None else None
+        self._cv = threading.Condition()
+        self._incoming: List[_Ticket] = []
+        self._tickets: Dict[int, _Ticket] = {}  # by job id; the engine loop's own
+        self._closing = False
+        self._broken: Optional[str] = None
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, args=(heartbeat_s,), name="engine-loop", daemon=True)
+        self._thread.start()
 
     def generate(self, req: GenerationRequest) -> dict:
-        with self.lock:
-            if self._closed.is_set():
-                raise GenerationError("the model is shutting down")
-            prompts = self.engine.tokenize(req)  # RequestError here: nothing was broadcast
-            if self.distributed:
-                payload = json.dumps({"request": to_json_dict(req), "prompts": prompts}).encode()
-                self.control.send(GENERATE, payload)
-            error = None
-            try:
-                out = self.engine.generate(req, prompts)
-            except Exception as exc:  # reported after the ranks agree
-                log.exception("generation failed on rank 0")
-                error, out = exc, None
-            if self.distributed and not self.control.all_ok(error is None):
-                raise GenerationError(f"generation failed on a worker rank"
-                                      f"{'' if error is None else f' and on rank 0: {error}'}")
-            if error is not None:
-                raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
-            return out
+        prompts = self.engine.tokenize(req)  # RequestError here: nothing was queued
+        ticket = _Ticket(req, prompts)
+        with self._cv:
+            if self._closing or self._broken:
+                raise GenerationError(self._broken or "the model is shutting down")
+            self._incoming.append(ticket)
+            self._cv.notify()
+        ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.response
 
     def shutdown(self) -> None:
-        with self.lock:
-            if self._closed.is_set():
-                return
-            self._closed.set()
-            if self.distributed:
-                try:
-                    self.control.send(SHUTDOWN)
-                except Exception as exc:  # a follower already gone (e.g. scancel signalled every task)
-                    log.warning("could not tell every rank to shut down: %s", str(exc).splitlines()[0][:200])
+        """Refuse new requests, finish those already taken, then stop every rank."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join()
 
-    def _heartbeat(self, interval: float) -> None:
-        while not self._closed.wait(interval):
-            if self.lock.acquire(blocking=False):
+    # --- the engine loop (rank 0's only thread touching the engine) -------------------------------------------
+
+    def _loop(self, heartbeat_s: float) -> None:
+        if self.engine.device.type == "cuda":
+            torch.cuda.set_device(self.engine.device)  # the current device is per thread (Triton launches on it)
+        error: Optional[Exception] = None  # this rank's failure in the previous iteration
+        try:
+            while True:
+                with self._cv:
+                    if not (self._incoming or self.engine.busy or self._closing or error):
+                        self._cv.wait(heartbeat_s)  # woken by a request; else a heartbeat
+                    taken, self._incoming = self._incoming, []
+                    stopping = self._closing and not taken and not self.engine.busy
+                kind = SHUTDOWN if stopping else STEP if taken or self.engine.busy else NOOP
+                admitted = [(next(self._ids), t) for t in taken]
+                failures = int(error is not None)
+                if self.control is not None:
+                    payload = json.dumps([{"id": i, "request": to_json_dict(t.req), "prompts": t.prompts}
+                                          for i, t in admitted]).encode() if admitted else b""
+                    _, _, failures = self.control.exchange(kind, payload, error is not None)
+                if failures:
+                    self._fail_running(error, failures)
+                error = None
+                if kind == SHUTDOWN:
+                    return
+                for job_id, ticket in admitted:
+                    self._tickets[job_id] = ticket
+                    self.engine.submit(ticket.req, ticket.prompts, job_id)
+                if kind == NOOP:
+                    continue
                 try:
-                    if not self._closed.is_set():
-                        self.control.send(NOOP)
-                finally:
-                    self.lock.release()
+                    ended = self.engine.step()
+                except Exception as exc:  # reported to every rank by the next header
+                    log.exception("generation failed on rank 0")
+                    error = exc
+                    continue
+                for job in ended:
+                    self._answer(job)
+        except Exception as exc:  # the control group itself failed: a rank is gone
+            log.error("the engine loop stopped: %s", str(exc).splitlines()[0][:300] if str(exc) else repr(exc))
+            with self._cv:
+                self._broken = f"the model is unavailable: {type(exc).__name__}"
+        finally:
+            with self._cv:
+                self._closing = True
+                left, self._incoming = self._incoming, []
+            for ticket in left + list(self._tickets.values()):
+                ticket.answer(error=GenerationError(self._broken or "the model is shutting down"))
+            self._tickets.clear()
+
+    def _answer(self, job: Job) -> None:
+        ticket = self._tickets.pop(job.id)
+        if job.error is not None:
+            ticket.answer(error=job.error)
+        else:
+            ticket.answer(response=job.response)
+
+    def _fail_running(self, error: Optional[Exception], failures: int) -> None:
+        dropped = self.engine.abort()
+        if error is not None:
+            others = f" (and on {failures - 1} other rank(s))" if failures > 1 else ""
+            message = f"generation failed: {type(error).__name__}: {error}{others}"
+        else:
+            message = f"generation failed on {failures} worker rank(s)"
+        for job in dropped:
+            ticket = self._tickets.pop(job.id, None)
+            if ticket is not None:
+                ticket.answer(error=GenerationError(message))
 
 
 def follow(engine: Engine, control_group: dist.ProcessGroup) -> None:
-    """Every rank but 0: run rank 0's commands until SHUTDOWN."""
+    """Every rank but 0: run the same iterations as rank 0's engine loop until SHUTDOWN."""
     control = _Control(control_group)
+    failed = False
     while True:
-        kind, payload = control.receive()
-        if kind == NOOP:
-            continue
+        kind, payload, failures = control.exchange(NOOP, b"", failed)
+        failed = False
+        if failures:
+            engine.abort()
         if kind == SHUTDOWN:
             return
-        if kind != GENERATE:
-            raise RuntimeError(f"unknown command {kind} from rank 0")
-        message = json.loads(payload)
-        ok = True
+        for item in json.loads(payload) if payload else []:
+            engine.submit(parse_request(item["request"], max_sentences=None), item["prompts"], item["id"])
+        if kind == NOOP:
+            continue
         try:
-            engine.generate(parse_request(message["request"], max_sentences=None), message["prompts"])
+            engine.step()
         except Exception:
             log.exception("generation failed on rank %d", engine.ps.rank)
-            ok = False
-        control.all_ok(ok)
+            failed = True
 
 
 __all__ = ["Coordinator", "GenerationError", "RequestError", "follow"]

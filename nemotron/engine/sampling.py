@@ -4,6 +4,8 @@ All functions work on a batch: logits [B, V] float32 over the padded vocabulary,
 """
 from __future__ import annotations
 
+from typing import Sequence, Tuple
+
 import torch
 
 NEG_INF = float("-inf")
@@ -48,10 +50,12 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 def sample(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-           top_p: torch.Tensor) -> torch.Tensor:
+           top_p: torch.Tensor, own_generators: Sequence[Tuple[int, int, torch.Generator]] = ()) -> torch.Tensor:
     """logits [B, V] (already masked and penalised) -> tokens [B].
 
-    Greedy rows take the argmax; the others sample from softmax(filter(logits / temperature)).
+    Greedy rows take the argmax; the others sample from softmax(filter(logits / temperature)). Rows start..end of
+    each (start, end, generator) in own_generators draw from that generator (a seeded request), the rest from
+    torch's default one.
     """
     greedy_tokens = logits.argmax(dim=-1)
     if bool(greedy.all()):
@@ -61,5 +65,11 @@ def sample(logits: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor
     probs = torch.softmax(filtered, dim=-1)
     # Greedy rows still need a valid distribution for multinomial; their draw is discarded.
     probs = torch.where(greedy.view(-1, 1), torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
-    drawn = torch.multinomial(probs, 1).view(-1)
+    own_rows = sum(end - start for start, end, _ in own_generators)
+    if own_rows < probs.shape[0]:
+        drawn = torch.multinomial(probs, 1).view(-1)
+    else:
+        drawn = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    for start, end, generator in own_generators:
+        drawn[start:end] = torch.multinomial(probs[start:end], 1, generator=generator).view(-1)
     return torch.where(greedy, greedy_tokens, drawn)
