@@ -206,6 +206,9 @@ class BenchTokenizer:
     def single_piece_id(self, text):
         return None
 
+    def text_to_ids(self, text):  # a "sentence" is its ids written out: what the server path sends
+        return [int(t) for t in text.split()]
+
 
 # --- decode loops --------------------------------------------------------------------------------------------
 
@@ -501,6 +504,8 @@ def decode_bench(ctx: Ctx, model, stepper, hf, batches, prompt_len, steps, varia
                 min(steps, 32))
         if "engine" in variants:
             put("engine_ms", engine_ms, ctx, model, stepper, prompts, steps)
+        if "served" in variants:
+            put("served_ms", served_ms, ctx, model, prompts, steps)
         if hf is not None and ctx.left() > 60:
             hs = 64 if b == 1 else 32
 
@@ -510,7 +515,7 @@ def decode_bench(ctx: Ctx, model, stepper, hf, batches, prompt_len, steps, varia
                 return (tn - t1) / (hs - 1)
             put("hf_ms", hf_ms)
             row["hf_steps"] = hs
-        for k in ("graph", "eager", "fused_no_graph", "engine", "hf"):
+        for k in ("graph", "eager", "fused_no_graph", "engine", "served", "hf"):
             if k + "_ms" in row:
                 row[k + "_tok_s"] = b / row[k + "_ms"] * 1e3
                 if "roofline_ms" in row:
@@ -538,6 +543,40 @@ def engine_ms(ctx: Ctx, model, stepper, prompts, steps) -> float:
     t1 = wall_ms(ctx, lambda: eng.generate(req(1), prompts=rows))
     tn = wall_ms(ctx, lambda: eng.generate(req(steps), prompts=rows))
     del eng
+    return (tn - t1) / (steps - 1)
+
+
+_control_group = None
+
+
+@torch.inference_mode()
+def served_ms(ctx: Ctx, model, prompts, steps) -> Optional[float]:
+    """What the server runs: requests through rank 0's `Coordinator` (its engine loop thread, a header exchange per
+    iteration) with the other ranks in `follow`; (t(N) - t(1)) / (N - 1) on rank 0, None elsewhere."""
+    global _control_group
+    from nemotron.engine.engine import Engine
+    from nemotron.engine.lockstep import Coordinator, follow
+    from nemotron.engine.request import parse_request
+    b = prompts.shape[0]
+    eng = Engine(model, BenchTokenizer(model.cfg.padded_vocab_size), max_slots=max(128, b))
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and _control_group is None:
+        _control_group = dist.new_group(backend="gloo")  # as init_runtime's control group
+    if distributed and ctx.ps.rank != 0:
+        follow(eng, _control_group)
+        return None
+    coord = Coordinator(eng, _control_group if distributed else None)
+    sentences = [" ".join(map(str, r)) for r in prompts.tolist()]
+
+    def req(n):
+        return parse_request({"sentences": sentences, "tokens_to_generate": n, "min_tokens_to_generate": n,
+                              "greedy": True, "end_strings": [], "add_BOS": False}, max_sentences=None)
+    try:
+        coord.generate(req(steps))  # warm-up: graphs captured
+        t1 = wall_ms(ctx, lambda: coord.generate(req(1)))
+        tn = wall_ms(ctx, lambda: coord.generate(req(steps)))
+    finally:
+        coord.shutdown()
     return (tn - t1) / (steps - 1)
 
 
@@ -812,7 +851,7 @@ def decode_suite(ctx: Ctx, model, cache):
                 ctx.result["tokens_eager_matching_graph"], "/ 32; teacher-forced:",
                 ctx.result["eager_tokens_teacher_forced_through_graph"])
     guarded(ctx, "tokens", tokens)
-    decode_bench(ctx, model, stepper, None, a.batches, a.prompt, a.steps, variants=("graph", "eager"))
+    decode_bench(ctx, model, stepper, None, a.batches, a.prompt, a.steps, variants=("graph", "eager", "served"))
     if a.allreduce == "both" and ps_has_peer(ctx) and stepper.graphs is not None:
         guarded(ctx, "decode_nccl", decode_with_nccl, ctx, model, stepper, prompts1)
     if a.profile:
@@ -1153,7 +1192,7 @@ def main():
         guarded(ctx, "agreement", agreement, ctx, model, stepper, hf, p.to(dev), args.agree_steps)
         ctx.save()
         decode_bench(ctx, model, stepper, hf, args.batches, args.prompt, args.steps,
-                     variants=("graph", "eager", "fused", "engine"))
+                     variants=("graph", "eager", "fused", "engine", "served"))
         if stepper.graphs is not None:
             ctx.result["graph_captures"] = {"count": stepper.graphs.captures, "seconds": stepper.graphs.capture_s}
         if args.profile:
