@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from nemotron.config import ModelConfig
 from nemotron.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -60,12 +61,14 @@ class Batch:
     `slots` is a slice (a contiguous run of slots: attention reads the cache without a copy) or a [B] tensor.
     `kv_len` bounds the keys read: every position in the batch must be < kv_len.
     `from_start` means every row starts at position 0 (a fresh prefill): plain causal attention over the new
-    keys, no mask over the cache.
+    keys, no mask over the cache. `aligned` means every row's positions are kv_len-T .. kv_len-1 (a later chunk of
+    a prefill): causal attention aligned to the end of the keys, without a materialised mask.
     """
     positions: torch.Tensor
     slots: Optional[Slots] = None
     kv_len: int = 0
     from_start: bool = True
+    aligned: bool = False
 
 
 # --- RoPE ----------------------------------------------------------------------------------------------------
@@ -124,6 +127,12 @@ class SelfAttention(nn.Module):
             self._write_cache(cache_k, cache_v, k, v, batch)
         if cache_k is None or batch.from_start:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        elif batch.aligned and T > 1:
+            # Query t sees keys 0..kv_len-T+t: lower-right causal, which SDPA runs with flash attention on CUDA.
+            # That path takes no GQA flag, so the groups' keys are repeated for their query heads here.
+            keys = cache_k[batch.slots, :, : batch.kv_len].repeat_interleave(hpg, dim=1)
+            values = cache_v[batch.slots, :, : batch.kv_len].repeat_interleave(hpg, dim=1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, batch.kv_len))
         else:
             keys, values = cache_k[batch.slots, :, : batch.kv_len], cache_v[batch.slots, :, : batch.kv_len]
             key_pos = torch.arange(batch.kv_len, device=x.device)

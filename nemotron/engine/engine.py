@@ -299,7 +299,7 @@ class Engine:
         tokens = torch.tensor([r.tokens[start:start + T] for _, r in group], device=dev)
         positions = torch.arange(start, start + T, device=dev).expand(n, T)
         slots = torch.tensor([r.slot for _, r in group], device=dev)
-        batch = Batch(positions, slots, kv_len=start + T, from_start=start == 0)
+        batch = Batch(positions, slots, kv_len=start + T, from_start=start == 0, aligned=True)
         logits = forward_logits(self.model, tokens, batch, self.cache, positions="all" if want_all else "last")
         for i, (job, row) in enumerate(group):
             row.prefilled += T
