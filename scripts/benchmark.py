@@ -574,7 +574,12 @@ def served_ms(ctx: Ctx, model, prompts, steps) -> Optional[float]:
     try:
         coord.generate(req(steps))  # warm-up: graphs captured
         t1 = wall_ms(ctx, lambda: coord.generate(req(1)))
+        if coord.control is not None:
+            coord.control.busy_exchanges, coord.control.busy_seconds = 0, 0.0
         tn = wall_ms(ctx, lambda: coord.generate(req(steps)))
+        if coord.control is not None and coord.control.busy_exchanges:
+            ctx.result.setdefault("served_header_ms", {})[str(prompts.shape[0])] = \
+                1e3 * coord.control.busy_seconds / coord.control.busy_exchanges
     finally:
         coord.shutdown()
     return (tn - t1) / (steps - 1)
@@ -851,7 +856,8 @@ def decode_suite(ctx: Ctx, model, cache):
                 ctx.result["tokens_eager_matching_graph"], "/ 32; teacher-forced:",
                 ctx.result["eager_tokens_teacher_forced_through_graph"])
     guarded(ctx, "tokens", tokens)
-    decode_bench(ctx, model, stepper, None, a.batches, a.prompt, a.steps, variants=("graph", "eager", "served"))
+    decode_bench(ctx, model, stepper, None, a.batches, a.prompt, a.steps,
+                 variants=("graph", "eager", "engine", "served"))
     if a.allreduce == "both" and ps_has_peer(ctx) and stepper.graphs is not None:
         guarded(ctx, "decode_nccl", decode_with_nccl, ctx, model, stepper, prompts1)
     if a.profile:

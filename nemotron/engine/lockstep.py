@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -46,11 +47,13 @@ class _Control:
     def __init__(self, group: Optional[dist.ProcessGroup], device: torch.device):
         self.group, self.device = group, device
         self.on_device = False  # where the next exchange travels (every rank tracks it from the headers)
+        self.busy_exchanges, self.busy_seconds = 0, 0.0  # exchanges on the device and their time (the benchmark's)
 
     def exchange(self, kind: int, payload: bytes, failed: bool, next_on_device: bool):
         """Every rank calls this once per iteration; rank 0's kind, payload and next_on_device win (the others pass
         NOOP, b"" and False) -> (kind, payload, failures)."""
         group, device = (None, self.device) if self.on_device else (self.group, torch.device("cpu"))
+        started = time.perf_counter()
         header = torch.tensor([kind, len(payload), int(failed), int(next_on_device)], dtype=torch.long)
         header = header.to(device)
         dist.all_reduce(header, group=group)
@@ -60,6 +63,9 @@ class _Control:
                    else torch.empty(size, dtype=torch.uint8)).to(device)
             dist.broadcast(buf, src=0, group=group)
             payload = bytes(buf.cpu().numpy())
+        if group is None:
+            self.busy_exchanges += 1
+            self.busy_seconds += time.perf_counter() - started
         self.on_device = bool(on_device)
         return kind, payload, failures
 
