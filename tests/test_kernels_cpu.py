@@ -91,6 +91,15 @@ for M, N, K in [(1, 48, 40), (3, 100, 300), (16, 64, 512), (40, 70, 96)]:  # 40 
         torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-4)
 assert kernels._skinny_choice, "the interpreter ran the skinny kernel"
 
+# Split-K (each program sums part of K, a second kernel adds the parts in order), K not a multiple of the chunk
+for cfg in [(64, 32, 4, 2, 3), (32, 64, 4, 2, 2), (128, 16, 4, 2, 4)]:
+    x, w = torch.randn(20, 200), torch.randn(90, 200)
+    for relu2 in (False, True):
+        y = torch.empty(20, 90)
+        kernels._skinny_launch(x, w, y, relu2, cfg)
+        ref = x @ w.t()
+        torch.testing.assert_close(y, ref.clamp(min=0) ** 2 if relu2 else ref, rtol=1e-5, atol=1e-4)
+
 # add + LayerNorm in the matmul's prologue: one and two rows, with and without the residual delta (bf16-free:
 # a float32 delta is the TP sum, rounded to x's dtype first), relu^2, K not a power of two.
 for M, N, K in [(1, 48, 40), (2, 100, 96)]:

@@ -352,14 +352,18 @@ def _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg):
 
 if triton is not None:
     @triton.jit
-    def _skinny_mm_kernel(X, W, Y, M, N, K, stride_x, stride_w, stride_y, RELU2: tl.constexpr,
-                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PDL: tl.constexpr):
+    def _skinny_mm_kernel(X, W, Y, PART, M, N, K, k_chunk, stride_x, stride_w, stride_y, RELU2: tl.constexpr,
+                          IEEE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """y[:M, tile] = x[:M] @ W[tile]^T for one BLOCK_N tile of W's rows, streaming W once (the step's M <= 64
-        rows ride along in one padded tensor-core tile). RELU2: y = relu(round(y))^2, the MLP's activation."""
+        rows ride along in one padded tensor-core tile). RELU2: y = relu(round(y))^2, the MLP's activation.
+        SPLIT_K > 1: program (tile, s) sums only K range [s*k_chunk, (s+1)*k_chunk) into PART[s] (float32), and
+        `_splitk_reduce` finishes; wide tiles then still make enough programs to fill the GPU."""
         if PDL:
             _pdl_enter()
         pid = tl.program_id(0)
+        k_lo = tl.program_id(1) * k_chunk
+        k_hi = tl.minimum(K, k_lo + k_chunk)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         rk = tl.arange(0, BLOCK_K)
@@ -368,25 +372,51 @@ if triton is not None:
         x_mask = rm[:, None] < M
         w_mask = rn[:, None] < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_ptr + k0, mask=x_mask & (k0 + rk[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + k0, mask=w_mask & (k0 + rk[None, :] < K), other=0.0)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            x = tl.load(x_ptr + k0, mask=x_mask & (k0 + rk[None, :] < k_hi), other=0.0)
+            w = tl.load(w_ptr + k0, mask=w_mask & (k0 + rk[None, :] < k_hi), other=0.0)
             if IEEE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
                 acc += tl.dot(x, tl.trans(w))
-        y = acc.to(Y.dtype.element_ty)
+        out_mask = x_mask & (rn[None, :] < N)
+        if SPLIT_K == 1:
+            y = acc.to(Y.dtype.element_ty)
+            if RELU2:
+                yf = tl.maximum(y.to(tl.float32), 0.0)
+                y = (yf * yf).to(Y.dtype.element_ty)
+            tl.store(Y + rm[:, None] * stride_y + rn[None, :], y, mask=out_mask)
+        else:
+            part = PART + (tl.program_id(1) * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
+            tl.store(part, acc, mask=out_mask)
+
+    @triton.jit
+    def _splitk_reduce(PART, Y, M, N, stride_y, RELU2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
+        """Program (row m, block of columns): y = sum over s of PART[s, m] in order, then the epilogue."""
+        if PDL:
+            _pdl_enter()
+        m = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = cols < N
+        total = tl.zeros([BLOCK], tl.float32)
+        for sk in range(SPLIT_K):
+            total += tl.load(PART + (sk * M + m).to(tl.int64) * N + cols, mask=live, other=0.0)
+        y = total.to(Y.dtype.element_ty)
         if RELU2:
             yf = tl.maximum(y.to(tl.float32), 0.0)
             y = (yf * yf).to(Y.dtype.element_ty)
-        tl.store(Y + rm[:, None] * stride_y + rn[None, :], y, mask=x_mask & (rn[None, :] < N))
+        tl.store(Y + m * stride_y + cols, y, mask=live)
 
 
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per weight shape; the fastest (or cuBLAS) is kept.
 SKINNY_CONFIGS = ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4),
                   (64, 256, 8, 3), (32, 512, 4, 3), (16, 1024, 8, 2))
-#: for 16 < M <= 64 rows: x is re-read from L2 by every program, so wider weight tiles
-SKINNY_CONFIGS_WIDE = ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3))
+#: for 16 < M <= 64 rows: x is re-read from L2 by every program, so wider weight tiles, and for weights with few
+#: rows a 5th entry: split K that many ways (enough programs again; a second kernel sums the parts)
+SKINNY_CONFIGS_WIDE = ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3),
+                       (128, 128, 8, 3, 2), (128, 128, 8, 3, 4), (128, 64, 4, 4, 4), (256, 64, 8, 3, 4),
+                       (64, 128, 4, 3, 4))
 SKINNY_MAX_ROWS = 64
 
 
@@ -396,17 +426,28 @@ def skinny_configs(rows: int):
 
 def _block_m(rows: int) -> int:
     return max(16, triton.next_power_of_2(rows))  # tl.dot needs 16
+
+
 _skinny_choice: Dict[Tuple, Optional[Tuple[int, int, int, int]]] = {}
 skinny_timings: Dict[str, Dict[str, float]] = {}  # what the choice was made from (the benchmark records it)
+skinny_errors: Dict[str, str] = {}
 
 
 def _skinny_launch(x, w, y, relu2, cfg):
-    bn, bk, warps, stages = cfg
+    bn, bk, warps, stages = cfg[:4]
     M, K = x.shape
     N = w.shape[0]
-    _skinny_mm_kernel[(triton.cdiv(N, bn),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-                                             RELU2=relu2, IEEE=x.dtype == torch.float32, BLOCK_M=_block_m(M),
-                                             BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_pdl(x))
+    k_chunk = triton.cdiv(triton.cdiv(K, cfg[4] if len(cfg) > 4 else 1), bk) * bk
+    splits = triton.cdiv(K, k_chunk)
+    part = torch.empty(splits * M * N, dtype=torch.float32, device=x.device) if splits > 1 else y
+    _skinny_mm_kernel[(triton.cdiv(N, bn), splits)](
+        x, w, y, part, M, N, K, k_chunk, x.stride(0), w.stride(0), y.stride(0), RELU2=relu2,
+        IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(M), BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages, **_pdl(x))
+    if splits > 1:
+        block = min(1024, triton.next_power_of_2(N))
+        _splitk_reduce[(M, triton.cdiv(N, block))](part, y, M, N, y.stride(0), RELU2=relu2, SPLIT_K=splits,
+                                                    BLOCK=block, num_warps=4, **_pdl(x))
 
 
 _l2_scratch: Dict[torch.device, torch.Tensor] = {}
@@ -467,7 +508,11 @@ def _pick_skinny(x, w, out_dtype, relu2) -> Optional[Tuple[int, int, int, int]]:
     times = {"cublas": graph_time_ms(lambda: _cublas(x, w, out_dtype, relu2))}
     configs = skinny_configs(x.shape[0])
     for cfg in configs:
-        times[str(cfg)] = graph_time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
+        try:
+            times[str(cfg)] = graph_time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
+        except Exception as exc:  # a config this card or Triton cannot run: never chosen, and reported
+            times[str(cfg)] = float("inf")
+            skinny_errors[str(cfg)] = f"{type(exc).__name__}: {str(exc)[:300]}"
     skinny_timings[f"M{x.shape[0]} N{w.shape[0]} K{w.shape[1]} {str(out_dtype)[6:]}{' relu2' if relu2 else ''}"] = times
     best = min(configs, key=lambda c: times[str(c)])
     if mode == "triton" or times[str(best)] < times["cublas"]:
