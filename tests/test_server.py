@@ -499,6 +499,29 @@ def test_concurrent_clients_each_get_their_own_answer(tp1):
         assert r.json() == alone[i], PROMPTS[i]
 
 
+def test_a_short_request_finishes_while_a_long_one_runs(tp1):
+    """Continuous batching through HTTP: a request sent while a long one runs joins its batch and answers first
+    (NeMo's server, one request at a time, would answer it only after the long one)."""
+    long_payload = dict(greedy("def f(x):", 240), min_tokens_to_generate=240)
+    short_payload = greedy("class Stack:", 4)
+    done = {}
+
+    def long_client():
+        with requests.Session() as s:
+            done["long"] = s.put(tp1.url(), data=json.dumps(long_payload),
+                                 headers={"Content-Type": "application/json", **AUTH}, timeout=300)
+    thread = threading.Thread(target=long_client)
+    thread.start()
+    time.sleep(0.3)  # the long request is admitted and decoding (240 tokens take seconds here)
+    short = tp1.put(short_payload)
+    still_running = thread.is_alive()
+    thread.join(300)
+    assert short.status_code == 200 and done["long"].status_code == 200
+    assert still_running, "the short request waited for the long one"
+    assert short.json() == answer_alone(tp1, short_payload)
+    assert done["long"].json() == answer_alone(tp1, long_payload)  # joining it changed neither answer
+
+
 def test_bad_request_between_two_good_ones_changes_nothing(tp1):
     good = greedy("class Stack:", 16)
     first = tp1.put(good)
