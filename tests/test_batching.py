@@ -150,6 +150,24 @@ def test_a_cache_that_cannot_be_allocated_refuses_only_that_request(tiny_model, 
     assert engine.generate(ok)["token_ids"]  # the engine still serves
 
 
+def test_the_cache_falls_back_to_the_exact_size_when_the_power_of_two_does_not_fit(tiny_model, tiny_tokenizer,
+                                                                                    monkeypatch):
+    engine = Engine(tiny_model, tiny_tokenizer)
+    real = tiny_model.new_cache
+    asked = []
+
+    def at_most_40_slots(slots, max_seq):  # a memory limit between the exact need (34 + 1) and 64 + 1 slots
+        asked.append((slots, max_seq))
+        if slots > 40:
+            raise torch.OutOfMemoryError("injected")
+        return real(slots, max_seq)
+    monkeypatch.setattr(tiny_model, "new_cache", at_most_40_slots)
+    req = parse_request({"sentences": ["x"] * 34, "greedy": True, "tokens_to_generate": 3})
+    out = engine.generate(req)
+    assert asked == [(65, 64), (35, 64)] and engine.cache.num_slots == 35
+    assert out["token_ids"] == Engine(tiny_model, tiny_tokenizer).generate(req)["token_ids"]
+
+
 def test_abort_drops_every_job_and_frees_their_slots(engine):
     req = parse_request({"sentences": ["a", "b"], "tokens_to_generate": 30})
     jobs = [engine.submit(req, engine.tokenize(req)) for _ in range(3)]

@@ -242,28 +242,35 @@ class Engine:
 
     def _fit_cache(self, rows: int, positions: int) -> bool:
         """Make the cache hold `rows` rows of `positions` positions, plus the last slot, which the graphs' padding
-        rows write to. It grows in powers of two (rarely, then); the running rows' keys are copied over, or, when
-        none run, the old cache is freed first. Every rank agrees on success before going on."""
+        rows write to. It grows in powers of two (rarely, then), or to the exact need (positions in 64s) when the
+        power of two does not fit; the running rows' keys are copied over, or, when none run, the old cache is
+        freed first. Every rank agrees on each attempt's success before going on."""
         c = self.cache
         if c is not None and c.num_slots - 1 >= rows and c.max_seq >= positions:
             return True
         old_usable, old_seq = (c.num_slots - 1, c.max_seq) if c is not None else (0, 0)
-        usable = min(self.max_slots, 1 << (max(rows, old_usable) - 1).bit_length())
-        seq = min(self.cfg.max_position_embeddings, max(64, 1 << (max(positions, old_seq) - 1).bit_length()))
+        rows, positions = max(rows, old_usable), max(positions, old_seq)
+        max_pos = self.cfg.max_position_embeddings
+        roomy = (min(self.max_slots, 1 << (rows - 1).bit_length()),
+                 min(max_pos, max(64, 1 << (positions - 1).bit_length())))
+        exact = (rows, min(max_pos, -(-positions // 64) * 64))
         keep = c is not None and bool(self.active)
         if not keep:
             self.cache = c = None
             if self.graphs is not None:
                 self.graphs.reset()  # they hold the old cache too
-        try:
-            new = self.model.new_cache(usable + 1, seq)
-            if keep:  # rows keep their slot numbers
-                new.k[:, :old_usable, :, :old_seq].copy_(c.k[:, :old_usable])
-                new.v[:, :old_usable, :, :old_seq].copy_(c.v[:, :old_usable])
-            ok = True
-        except (torch.OutOfMemoryError, MemoryError):
-            new, ok = None, False
-        if not self._all_ranks(ok):
+        for usable, seq in dict.fromkeys((roomy, exact)):
+            try:
+                new = self.model.new_cache(usable + 1, seq)
+                if keep:  # rows keep their slot numbers
+                    new.k[:, :old_usable, :, :old_seq].copy_(c.k[:, :old_usable])
+                    new.v[:, :old_usable, :, :old_seq].copy_(c.v[:, :old_usable])
+                ok = True
+            except (torch.OutOfMemoryError, MemoryError):
+                new, ok = None, False
+            if self._all_ranks(ok):
+                break
+        else:
             return False
         self.cache = new
         self.free_slots = sorted(set(self.free_slots) | set(range(old_usable, usable))) if keep else list(range(usable))
