@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 import zlib
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -27,7 +27,7 @@ import logging
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -354,24 +354,26 @@ class Engine:
         """One new token for every row of `jobs` (the decoded ones first, whose logits are `decoded`, then jobs
         whose prefill just completed); returns the jobs that ended."""
         rows = [r for job in jobs for r in job.rows]
-        R, dev = len(rows), self.device
+        R, dev, tok = len(rows), self.device, self.tokenizer
         if self._sampler:
             parts = [] if decoded is None else [decoded]
             parts += [job.first_logits for job in jobs if not job.started]
             logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-            new_list, flags = self._choose(jobs, rows, logits)
-        if self._distributed:
-            step_out = torch.empty(2, R, dtype=torch.long, device=dev)  # [new tokens; done flags]
-            if self._sampler:
-                step_out.copy_(torch.tensor([new_list, [int(f) for f in flags]]))
-            broadcast_from(step_out, self.ps.last_stage_leader)
-            new_list, flags = step_out.tolist()
+            new = self._choose(jobs, rows, logits)
+        if self._distributed:  # straight from the sampler's GPU: no host round trip before the broadcast
+            if not self._sampler:
+                new = torch.empty(R, dtype=torch.long, device=dev)
+            broadcast_from(new, self.ps.last_stage_leader)
+        new_list = new.tolist()  # the iteration's one device-to-host sync
         ended = []
         i = 0
         for job in jobs:
             for row in job.rows:
-                row.tokens.append(new_list[i])
-                row.done = bool(flags[i])
+                # Every rank applies the stop rule itself (same tokens, same tokenizer): no flags to send.
+                t = new_list[i]
+                row.done = (row.done or t in job.stop.ids
+                            or (bool(job.stop.texts) and job.stop.stops(tok, row.tokens + [t], t)))
+                row.tokens.append(t)
                 i += 1
             job.steps += 1
             job.started = True
@@ -384,8 +386,9 @@ class Engine:
                 ended.append(job)
         return ended
 
-    def _choose(self, jobs: List[Job], rows: List[Row], logits: torch.Tensor) -> Tuple[List[int], List[bool]]:
-        """The sampler's part: logits [R, V] float32 -> the rows' new tokens and done flags (host lists)."""
+    def _choose(self, jobs: List[Job], rows: List[Row], logits: torch.Tensor) -> torch.Tensor:
+        """The sampler's part: logits [R, V] float32 -> the rows' new tokens [R] (on the device); finished rows get
+        EOS."""
         dev, tok = self.device, self.tokenizer
         per_row = [job for job in jobs for _ in job.rows]
         R = len(rows)
@@ -430,10 +433,7 @@ class Engine:
                     row.logprobs.append(picked[i])
                     if job.req.all_probs:
                         row.full_logprobs.append(raw_lp[i:i + 1].cpu())
-        new_list = new.tolist()  # the iteration's one device-to-host sync
-        flags = [row.done or t in job.stop.ids or (bool(job.stop.texts) and job.stop.stops(tok, row.tokens + [t], t))
-                 for job, row, t in zip(per_row, rows, new_list)]
-        return new_list, flags
+        return new
 
     # --- the end of a job --------------------------------------------------------------------------------------
 
