@@ -18,7 +18,7 @@ draws from its own generator, so its tokens do not depend on what else runs.
 
 Distributed lockstep: every rank runs the same iterations over the same jobs (`nemotron.engine.lockstep` tells
 the other ranks which jobs rank 0 admitted); the last pipeline stage's first TP rank samples and broadcasts each
-iteration's tokens and done flags. Rank 0 alone builds responses.
+iteration's tokens; every rank applies the stop rules itself. Rank 0 alone builds responses.
 """
 from __future__ import annotations
 
