@@ -150,6 +150,29 @@ def test_a_cache_that_cannot_be_allocated_refuses_only_that_request(tiny_model, 
     assert engine.generate(ok)["token_ids"]  # the engine still serves
 
 
+def test_a_request_whose_cache_cannot_grow_waits_without_retrying_every_iteration(tiny_model, tiny_tokenizer,
+                                                                                  monkeypatch):
+    engine = Engine(tiny_model, tiny_tokenizer)
+    running = parse_request({"sentences": ["a"], "greedy": True, "tokens_to_generate": 20,
+                             "min_tokens_to_generate": 20})
+    job = engine.submit(running, engine.tokenize(running))
+    engine.step()  # the cache exists, the job decodes
+    attempts = []
+
+    def out_of_memory(slots, max_seq):
+        attempts.append((slots, max_seq))
+        raise torch.OutOfMemoryError("injected")
+    monkeypatch.setattr(tiny_model, "new_cache", out_of_memory)
+    big = parse_request({"sentences": ["b"] * 50, "tokens_to_generate": 4})
+    waiting = engine.submit(big, engine.tokenize(big))
+    while not job.finished:
+        engine.step()
+        assert len(attempts) == 2  # power of two, then exact: once, not once per iteration
+    while not waiting.finished:
+        engine.step()
+    assert len(attempts) == 4 and isinstance(waiting.error, RequestError)  # retried once alone, then refused
+
+
 def test_the_cache_falls_back_to_the_exact_size_when_the_power_of_two_does_not_fit(tiny_model, tiny_tokenizer,
                                                                                     monkeypatch):
     engine = Engine(tiny_model, tiny_tokenizer)

@@ -131,6 +131,7 @@ class Engine:
         self.queue: Deque[Job] = deque()
         self.active: List[Job] = []
         self._ids = itertools.count()
+        self._no_room: Optional[tuple] = None  # (job id, running job ids) of a failed cache growth
         self._sampler = self.ps.rank == self.ps.last_stage_leader
         self._distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.graphs = None
@@ -221,9 +222,13 @@ class Engine:
             in_use = sum(len(j.rows) for j in self.active)
             if in_use + rows > self.max_slots:
                 break
+            running = (job.id,) + tuple(j.id for j in self.active)
+            if running == self._no_room:
+                break  # the cache could not grow for this job beside these jobs: wait until one of them ends
             if not self._fit_cache(in_use + rows, job.positions_needed):
                 if self.active:
-                    break  # retried when the running jobs have ended and their cache can be freed first
+                    self._no_room = running  # retried when a running job has ended (its memory may be freed)
+                    break
                 self.queue.popleft()
                 job.finished = True
                 job.error = RequestError(
