@@ -19,7 +19,6 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from nemotron.config import ModelConfig
 from nemotron.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -129,7 +128,9 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         elif batch.aligned and T > 1:
             # Query t sees keys 0..kv_len-T+t: lower-right causal, which SDPA runs with flash attention on CUDA.
-            # That path takes no GQA flag, so the groups' keys are repeated for their query heads here.
+            # That path takes no GQA flag, so the groups' keys are repeated for their query heads here. (Imported
+            # here: the module pulls in torch._dynamo, ~2 s, which nothing else of ours needs.)
+            from torch.nn.attention.bias import causal_lower_right
             keys = cache_k[batch.slots, :, : batch.kv_len].repeat_interleave(hpg, dim=1)
             values = cache_v[batch.slots, :, : batch.kv_len].repeat_interleave(hpg, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, batch.kv_len))
