@@ -112,6 +112,17 @@ class Job:
         return max(len(p) for p in self.prompts) + self.req.tokens_to_generate
 
 
+@dataclass
+class _RowParams:
+    """Per-row sampling tensors [R] for one ordered set of jobs (`key`: their ids); None where every row is off."""
+    key: tuple
+    penalty: Optional[torch.Tensor] = None
+    greedy: Optional[torch.Tensor] = None  # None: every row is greedy
+    temperature: Optional[torch.Tensor] = None
+    top_k: Optional[torch.Tensor] = None
+    top_p: Optional[torch.Tensor] = None
+
+
 class Engine:
     def __init__(self, model: NemotronModel, tokenizer: Tokenizer, max_slots: int = 128,
                  cuda_graphs: Optional[bool] = None, prefill_chunk: int = 512):
@@ -132,6 +143,7 @@ class Engine:
         self.active: List[Job] = []
         self._ids = itertools.count()
         self._no_room: Optional[tuple] = None  # (job id, running job ids) of a failed cache growth
+        self._params: Optional[_RowParams] = None  # the sampler's per-row settings for the last set of jobs
         self._sampler = self.ps.rank == self.ps.last_stage_leader
         self._distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.graphs = None
@@ -396,15 +408,14 @@ class Engine:
         EOS."""
         dev, tok = self.device, self.tokenizer
         per_row = [job for job in jobs for _ in job.rows]
-        R = len(rows)
         logprob_jobs = any(job.req.compute_logprob for job in jobs)
         if logprob_jobs:  # NeMo scores tokens with the model's raw distribution
             raw_lp = torch.log_softmax(logits, dim=-1)
         suppress = [job.steps < job.req.min_tokens_to_generate for job in per_row]
         logits = mask_logits(logits, tok.vocab_size, tok.eos_id,
-                             torch.tensor(suppress, device=dev) if any(suppress) else torch.zeros(R, dtype=torch.bool,
-                                                                                                   device=dev))
-        if any(job.req.repetition_penalty != 1.0 for job in jobs):
+                             torch.tensor(suppress, device=dev) if any(suppress) else None)
+        params = self._row_params(jobs, per_row)
+        if params.penalty is not None:
             for job in jobs:
                 if job.req.repetition_penalty != 1.0 and job.seen is None:  # its prompt tokens count as seen
                     job.seen = torch.zeros(len(job.rows), self.cfg.padded_vocab_size, dtype=torch.bool, device=dev)
@@ -413,20 +424,16 @@ class Engine:
             seen = torch.cat([job.seen if job.seen is not None else
                               torch.zeros(len(job.rows), logits.shape[1], dtype=torch.bool, device=dev)
                               for job in jobs])
-            penalty = torch.tensor([job.req.repetition_penalty for job in per_row], device=dev)
-            logits = apply_repetition_penalty(logits, seen, penalty)
-        if all(job.req.greedy for job in jobs):  # what `sample` returns when every row is greedy, without its sync
+            logits = apply_repetition_penalty(logits, seen, params.penalty)
+        if params.greedy is None:  # every row greedy: what `sample` returns then, without its sync
             new = logits.argmax(dim=-1)
         else:
-            greedy = torch.tensor([job.req.greedy for job in per_row], device=dev)
-            params = [(float(j.req.temperature), int(j.req.top_k), float(j.req.top_p)) for j in per_row]
-            temperature, top_k, top_p = (torch.tensor(v, device=dev) for v in zip(*params))
             own, at = [], 0
             for job in jobs:
                 if job.generator is not None and not job.req.greedy:
                     own.append((at, at + len(job.rows), job.generator))
                 at += len(job.rows)
-            new = sample(logits, greedy, temperature, top_k, top_p, own_generators=own)
+            new = sample(logits, params.greedy, params.temperature, params.top_k, params.top_p, own_generators=own)
         new = new.clamp_(max=tok.vocab_size - 1)
         done = [r.done for r in rows]
         if any(done):
@@ -439,6 +446,23 @@ class Engine:
                     if job.req.all_probs:
                         row.full_logprobs.append(raw_lp[i:i + 1].cpu())
         return new
+
+    def _row_params(self, jobs: List[Job], per_row: List[Job]) -> "_RowParams":
+        """The rows' sampling settings as device tensors, rebuilt only when the jobs sampled change."""
+        key = tuple(job.id for job in jobs)
+        if self._params is not None and self._params.key == key:
+            return self._params
+        dev = self.device
+        p = _RowParams(key)
+        if any(job.req.repetition_penalty != 1.0 for job in jobs):
+            p.penalty = torch.tensor([job.req.repetition_penalty for job in per_row], device=dev)
+        if not all(job.req.greedy for job in jobs):
+            p.greedy = torch.tensor([job.req.greedy for job in per_row], device=dev)
+            p.temperature = torch.tensor([float(job.req.temperature) for job in per_row], device=dev)
+            p.top_k = torch.tensor([int(job.req.top_k) for job in per_row], device=dev)
+            p.top_p = torch.tensor([float(job.req.top_p) for job in per_row], device=dev)
+        self._params = p
+        return p
 
     # --- the end of a job --------------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """CUDA-graph decode: one captured, fused decode step per (batch bucket, KV-length bucket) and pipeline stage.
 
 A decode step feeds each of n rows its newest token ([n] ids at [n] positions in [n] cache slots, any slots: rows
-of different requests come and go) and returns float32 logits [n, V]. Eagerly that is ~25 kernels per layer, most of them tiny (RoPE alone is a dozen),
-so on an H100 the launch gaps cost as much as reading the weights. Here the step is
+of different requests come and go) and returns float32 logits [n, V]. Eagerly that is ~25 kernels per layer, most
+of them tiny (RoPE alone is a dozen), so on an H100 the launch gaps cost as much as reading the weights. Here the
+step is
 
 * fused: per layer `add+LayerNorm1p` (Triton; for one or two rows it runs in the next matmul's prologue) ->
   QKV matmul -> `RoPE + cache write + q layout` (Triton) ->
@@ -74,8 +75,8 @@ class FusedDecoder:
     """Decode step of this pipeline stage for n rows, each in its own KV-cache slot.
 
     Input: token ids [n] on the first stage, the previous stage's hidden states [n, h] (model dtype) on the
-    others; positions [n]; slots [n]. Output: float32 logits [n, V] on the last stage, hidden states [n, h] for the next
-    stage on the others. Same parameters and same math as `NemotronModel.forward` + `forward_logits`, with fused
+    others; positions [n]; slots [n]. Output: float32 logits [n, V] on the last stage, hidden states [n, h] for the
+    next stage on the others. Same parameters and same math as `NemotronModel.forward` + `forward_logits`, with fused
     kernels. `num_layers` runs only the stage's first layers (the benchmark's per-layer cost).
     """
 

@@ -4,17 +4,20 @@ All functions work on a batch: logits [B, V] float32 over the padded vocabulary,
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 NEG_INF = float("-inf")
 
 
-def mask_logits(logits: torch.Tensor, vocab_size: int, eos_id: int, suppress_eos: torch.Tensor) -> torch.Tensor:
-    """Padded vocab entries never win; EOS is suppressed for rows still under min_tokens_to_generate."""
+def mask_logits(logits: torch.Tensor, vocab_size: int, eos_id: int,
+                suppress_eos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Padded vocab entries never win; EOS is suppressed for rows still under min_tokens_to_generate
+    (suppress_eos [B] bool; None: no row is)."""
     logits[:, vocab_size:] = NEG_INF
-    logits[:, eos_id] = torch.where(suppress_eos, NEG_INF, logits[:, eos_id])
+    if suppress_eos is not None:
+        logits[:, eos_id] = torch.where(suppress_eos, NEG_INF, logits[:, eos_id])
     return logits
 
 
