@@ -53,3 +53,8 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # Leave as `python -m nemotron.eval` does: with os._exit, not interpreter teardown, which destroys the process
+    # groups' gloo threads while a peer that already left closes its sockets (seen: "terminate called" on a rank).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
