@@ -135,3 +135,13 @@ def test_server_on_gpu_answers_the_card_request():
             proc.wait()
             pytest.fail("server did not exit within 60 s of SIGTERM:\n" + server_log())
     assert proc.returncode == 0, server_log()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_peer_exchange_kernels_on_one_gpu(dtype):
+    """The peer exchange's producer and consumer kernels, compiled for the card, with three simulated ranks
+    (tests/exchange_check.py; the real multi-GPU path runs in the TP benchmark, which checks its tokens)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from exchange_check import check
+    check(torch.device("cuda"), dtype)
+    torch.cuda.synchronize()

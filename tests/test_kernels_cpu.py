@@ -121,6 +121,24 @@ def test_triton_decode_kernels_in_interpreter():
     run_in_triton_interpreter(_INTERPRET, "KERNELS-INTERPRET-OK")
 
 
+_EXCHANGE = r"""
+import sys, torch
+sys.path.insert(0, TESTS)
+from exchange_check import check
+check(torch.device("cpu"), torch.float32)  # the interpreter has no bfloat16 matrix product
+print("EXCHANGE-INTERPRET-OK")
+"""
+
+
+def test_peer_exchange_kernels_in_interpreter():
+    """Producers push their parts into every rank's exchange and raise the flags; consumers (the sum alone,
+    add+LayerNorm, and add+LayerNorm fused into the next matmul) add the parts in rank order and match the
+    plain-torch ops on the summed tensor: every producer path, both regions, two steps (epochs).
+    tests/test_gpu.py runs the same check on a GPU."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    run_in_triton_interpreter(_EXCHANGE.replace("TESTS", repr(tests)), "EXCHANGE-INTERPRET-OK")
+
+
 def test_a_bad_decode_matmul_switch_is_refused_at_start_up(tiny_model, monkeypatch):
     from nemotron.engine.graphs import DecodeGraphs
     monkeypatch.setenv("NEMOTRON_DECODE_MATMUL", "cuBLAS")

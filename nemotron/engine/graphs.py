@@ -39,10 +39,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from nemotron.engine.kernels import (add_layer_norm_linear, decode_attention, decode_linear, matmul_mode,
-                                     rope_to_cache)
+from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, decode_attention, decode_linear,
+                                     decode_linear_to_peers, matmul_mode, rope_to_cache, sum_parts)
 from nemotron.model import KVCache, NemotronModel
 from nemotron.parallel.layers import all_gather_last_dim, all_reduce
+from nemotron.parallel.peer_allreduce import PeerExchange, PeerSum, peer_exchange_for
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -91,6 +92,8 @@ class FusedDecoder:
         if self.last:
             norms.append(model.decoder.final_layernorm.weight)
         self._norm_weights = norms
+        self._exchange: Optional[PeerExchange] = None  # this step's, if its TP sums go through the peers' memory
+        self._sums = 0  # peer sums made so far in this step
 
     def weights_version(self) -> int:
         """Changes whenever a LayerNorm weight is modified in place (e.g. reloaded), so cached gammas and graphs
@@ -115,6 +118,10 @@ class FusedDecoder:
         float32 on the last stage, hidden [n, h] on the others), else a new tensor."""
         m = self.model
         n = positions.shape[0]
+        self._exchange = self._peer_exchange(n, positions)
+        self._sums = 0
+        if self._exchange is not None:
+            self._exchange.begin_step()
         if self.first:
             x = m.embedding.word_embeddings(x.view(n, 1)).view(n, -1)
         cos, sin = m.rotary(positions.view(n, 1), x.dtype)  # [n, 1, 1, r]
@@ -124,9 +131,12 @@ class FusedDecoder:
         resid, delta = x, None
         for i, layer in enumerate(self.layers):
             resid, delta = self._layer(i, layer, resid, delta, cos, sin, positions, slots, cache, kv_len, n)
+        assert self._sums % 2 == 0, "the peer exchange's regions must alternate across steps"
         if not self.last:
             # The hidden state eager sends on: x + mlp(x), one rounding in the activation dtype (what the
             # add+LayerNorm kernel stores as its sum; a TP delta arrives as a float32 sum, rounded first).
+            if isinstance(delta, PeerSum):
+                delta = sum_parts(delta)
             if out is None:
                 return resid if delta is None else resid + delta.to(resid.dtype)
             return out.copy_(resid) if delta is None else torch.add(resid, delta.to(resid.dtype), out=out)
@@ -139,10 +149,11 @@ class FusedDecoder:
         out.copy_(logits)
         return out
 
-    def _layer(self, i: int, layer, resid: torch.Tensor, delta: Optional[torch.Tensor], cos: torch.Tensor,
+    def _layer(self, i: int, layer, resid: torch.Tensor, delta: Delta, cos: torch.Tensor,
                sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int,
-               n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Local layer i: resid, delta [n, h] (delta None before the first layer; a float32 sum under TP) -> the
+               n: int) -> Tuple[torch.Tensor, Delta]:
+        """Local layer i: resid, delta [n, h] (delta None before the first layer; a float32 sum, or a pending
+        peer sum, under TP) -> the
         next (resid, delta); writes the rows' keys/values into the cache at (slots, positions)."""
         att, mlp = layer.self_attention, layer.mlp
         qkv_lin, fc1 = att.linear_qkv, mlp.linear_fc1
@@ -159,12 +170,24 @@ class FusedDecoder:
         delta = self._row_parallel(mlp.linear_fc2, act)
         return resid, delta
 
-    @staticmethod
-    def _row_parallel(lin, x: torch.Tensor) -> torch.Tensor:
-        """RowParallelLinear's math, left unrounded under TP on CUDA: the float32 partial sums are all-reduced
-        and the next add+LayerNorm rounds them once (the eager layer casts right after its all-reduce)."""
+    def _peer_exchange(self, n: int, x: torch.Tensor) -> Optional[PeerExchange]:
+        """The TP group's peer exchange, if this step's [n, h] sums fit it and the kernels can use it."""
+        xch = peer_exchange_for(self.model.ps.tp_group)
+        if xch is None or not can_exchange(x) or not xch.fits(n, self.model.cfg.hidden_size):
+            return None
+        return xch
+
+    def _row_parallel(self, lin, x: torch.Tensor) -> Union[torch.Tensor, PeerSum]:
+        """RowParallelLinear's math, left unrounded under TP on CUDA: the float32 partial sums are summed over
+        the group and the next add+LayerNorm rounds them once (the eager layer casts right after its all-reduce).
+        With a peer exchange the sum is left pending: the matmul pushes its part to every rank, and the next
+        add+LayerNorm adds the parts up (no all-reduce kernel)."""
         if lin.group is None:
             return decode_linear(x, lin.weight)
+        if self._exchange is not None:
+            target = self._exchange.target(self._sums, x.shape[0], lin.weight.shape[0])
+            self._sums += 1
+            return decode_linear_to_peers(x, lin.weight, target)
         fp32_sum = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
         return all_reduce(decode_linear(x, lin.weight, out_dtype=torch.float32 if fp32_sum else None), lin.group)
 

@@ -6,12 +6,13 @@ kernels in Triton's interpreter against the torch versions, the GPU benchmark co
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from nemotron.model import apply_rotary
+from nemotron.parallel.peer_allreduce import PeerSum
 
 try:  # Triton is on the GPU machines, not on the CPU test machines
     import triton
@@ -25,6 +26,9 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 #: Set True to run the fused ops' plain-torch versions on CUDA too (the benchmark checks the kernels this way).
 FORCE_TORCH = False
+
+#: A residual delta: none, a tensor, or a TP sum still sitting in the peers' exchange (kernels add it up).
+Delta = Union[None, torch.Tensor, PeerSum]
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -62,19 +66,105 @@ if triton is not None:
         gdc_wait()
         gdc_launch_dependents()
 
+    # Partial sums through the peers' memory (nemotron.parallel.peer_allreduce.PeerExchange): a producer kernel
+    # pushes its float32 part to every rank and its last program raises this rank's flag there; a consumer waits
+    # for every rank's flag, then reads the parts from its own memory. Producer arguments start with X, consumer
+    # arguments with D; XTP / DTP = 0 compiles the plain kernel.
+
     @triton.jit
-    def _add_ln_kernel(X, D, R, Y, G, Bias, N, eps, HAS_D: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
-        """One row: s = x + d (rounded to the activation dtype, as eager does), y = LayerNorm(s) * g + b."""
+    def _flag_value(EPOCH, call):
+        return tl.load(EPOCH) * 1024 + call
+
+    @triton.jit
+    def _push(vals, offs, mask, XPTRS, x_data_off, XTP: tl.constexpr):
+        """Store this program's float32 tile at element offsets `offs` of this rank's part on every rank."""
+        for dst in tl.static_range(XTP):
+            base = tl.load(XPTRS + dst).to(tl.pointer_type(tl.float32))
+            tl.store(base + x_data_off + offs, vals, mask=mask)
+
+    @triton.jit
+    def _signal(XFLAGPTRS, XTICKET, XEPOCH, x_call, x_flag_off, XTP: tl.constexpr, XTP2: tl.constexpr):
+        """After this program's pushes: the grid's last program to finish raises this rank's flag on every rank.
+        The barrier orders every thread's stores before the ticket's system-scope release; the last program's
+        acquire of the ticket then orders them all before its release of the flags. The flags are raised by one
+        thread per rank at once: each remote atomic is an NVLink round trip."""
+        tl.debug_barrier()
+        programs = tl.num_programs(0) * tl.num_programs(1)
+        ticket = tl.atomic_add(XTICKET, 1, sem="acq_rel", scope="sys")
+        if ticket == programs - 1:
+            tl.atomic_xchg(XTICKET, 0, sem="relaxed", scope="gpu")  # for the next producer, which runs after us
+            dst = tl.arange(0, XTP2)
+            flags = tl.load(XFLAGPTRS + dst, mask=dst < XTP, other=0).to(tl.pointer_type(tl.int32))
+            value = tl.zeros([XTP2], tl.int32) + _flag_value(XEPOCH, x_call)
+            tl.atomic_xchg(flags + x_flag_off, value, mask=dst < XTP, sem="release", scope="sys")
+
+    @triton.jit
+    def _wait_parts(DFLAGS, DEPOCH, d_call, DTP: tl.constexpr, DTP2: tl.constexpr):
+        """Spin until every rank's flag for this sum arrived (volatile loads, then an acquire of the flags so the
+        parts read afterwards are the ones written before them). After ~2^26 polls (tens of seconds: a peer is
+        gone) it gives up rather than hang the GPU, and the step computes garbage: the host's collectives time
+        out on the dead peer and abort."""
+        value = _flag_value(DEPOCH, d_call)
+        src = tl.arange(0, DTP2)
+        live = src < DTP
+        missing = tl.sum((tl.load(DFLAGS + src, mask=live, other=value, volatile=True) != value).to(tl.int32), 0)
+        polls = 0
+        while (missing > 0) & (polls < 67108864):
+            seen = tl.load(DFLAGS + src, mask=live, other=value, volatile=True)
+            missing = tl.sum((seen != value).to(tl.int32), 0)
+            polls += 1
+        tl.atomic_add(DFLAGS + src, tl.zeros([DTP2], tl.int32), mask=live, sem="acquire", scope="sys")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _load_delta(D, offs, mask, d_part_stride, DTP: tl.constexpr):
+        """The float32 delta at `offs`: D itself (DTP = 0), or the sum of the DTP parts in rank order."""
+        acc = tl.load(D + offs, mask=mask, other=0.0).to(tl.float32)
+        for src in tl.static_range(1, DTP):
+            acc += tl.load(D + src * d_part_stride + offs, mask=mask, other=0.0)
+        return acc
+
+    @triton.jit
+    def _push_kernel(Y, M, N, XPTRS, XFLAGPTRS, XTICKET, XEPOCH, x_call, x_data_off, x_flag_off,
+                     XTP: tl.constexpr, XTP2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Program (row m, block of columns): push y[m, cols] (float32, e.g. cuBLAS's product) to every rank."""
         if PDL:
             _pdl_enter()
+        m = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = cols < N
+        y = tl.load(Y + m * N + cols, mask=live, other=0.0)
+        _push(y, m * N + cols, live, XPTRS, x_data_off, XTP)
+        _signal(XFLAGPTRS, XTICKET, XEPOCH, x_call, x_flag_off, XTP, XTP2)
+
+    @triton.jit
+    def _sum_parts_kernel(OUT, N, D, DFLAGS, DEPOCH, d_call, d_part_stride, DTP: tl.constexpr,
+                          DTP2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Program (row m, block of columns): out[m, cols] = the parts' sum (float32)."""
+        if PDL:
+            _pdl_enter()
+        _wait_parts(DFLAGS, DEPOCH, d_call, DTP, DTP2)
+        m = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = cols < N
+        tl.store(OUT + m * N + cols, _load_delta(D, m * N + cols, live, d_part_stride, DTP), mask=live)
+
+    @triton.jit
+    def _add_ln_kernel(X, D, R, Y, G, Bias, N, eps, DFLAGS, DEPOCH, d_call, d_part_stride, HAS_D: tl.constexpr,
+                       DTP: tl.constexpr, DTP2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """One row: s = x + d (rounded to the activation dtype, as eager does), y = LayerNorm(s) * g + b.
+        DTP > 0: d is the sum of the parts in the peer exchange."""
+        if PDL:
+            _pdl_enter()
+        if DTP > 0:
+            _wait_parts(DFLAGS, DEPOCH, d_call, DTP, DTP2)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         m = offs < N
         x = tl.load(X + row * N + offs, mask=m, other=0.0)
         if HAS_D:
             # d may be the TP all-reduce's float32 sum: round it to the activation dtype first, as eager's cast does
-            d = tl.load(D + row * N + offs, mask=m, other=0.0).to(R.dtype.element_ty)
+            d = _load_delta(D, row * N + offs, m, d_part_stride, DTP).to(R.dtype.element_ty)
             s = (x.to(tl.float32) + d.to(tl.float32)).to(R.dtype.element_ty)
             tl.store(R + row * N + offs, s, mask=m)
             xf = s.to(tl.float32)
@@ -141,20 +231,59 @@ def _ln_warps(block: int) -> int:
 
 # --- Fused ops (Triton on CUDA, plain torch elsewhere) -------------------------------------------------------
 
-def add_layer_norm(x: torch.Tensor, delta: Optional[torch.Tensor], gamma: torch.Tensor, beta: torch.Tensor,
+def _delta_args(delta: Delta, x: torch.Tensor) -> dict:
+    """A consumer kernel's D arguments: a tensor, none (x stands in), or a pending peer sum."""
+    if isinstance(delta, PeerSum):
+        return delta.consumer_args()
+    return dict(D=x if delta is None else delta, DFLAGS=x, DEPOCH=x, d_call=0, d_part_stride=0, DTP=0, DTP2=1)
+
+
+def _producer_args(target: Optional[PeerSum], y: torch.Tensor) -> dict:
+    """A producer kernel's X arguments: a peer sum to push to, or none (y stands in)."""
+    if target is not None:
+        return target.producer_args()
+    return dict(XPTRS=y, XFLAGPTRS=y, XTICKET=y, XEPOCH=y, x_call=0, x_data_off=0, x_flag_off=0, XTP=0, XTP2=1)
+
+
+def can_exchange(x: torch.Tensor) -> bool:
+    """Whether the kernels can push to / read from a PeerExchange (Triton on CUDA, or its interpreter)."""
+    return _use_triton(x)
+
+
+#: A pending peer sum is added up inside add+LayerNorm's one program per row when its parts hold at most this many
+#: elements per row (4 x 4096 measured well on an H100); wider rows take a many-program `sum_parts` first (one
+#: program reading 4 x 18432 float32 parts made the 340B slice's step slower than the all-reduce kernel).
+PARTS_PER_ROW_PROGRAM = 16384
+
+
+def add_layer_norm(x: torch.Tensor, delta: Delta, gamma: torch.Tensor, beta: torch.Tensor,
                    eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """x, delta [n, h] -> (x + delta, LayerNorm(x + delta) with gamma, beta). delta None: no add; a float32
-    delta (a TP all-reduce's sum) is first rounded to x's dtype."""
+    delta (a TP all-reduce's sum, or a PeerSum still to be added up) is first rounded to x's dtype."""
     if not _use_triton(x):
+        assert not isinstance(delta, PeerSum), "peer sums need the Triton kernels"
         s = x if delta is None else x + delta.to(x.dtype)
         return s, F.layer_norm(s, (s.shape[-1],), gamma, beta, eps)
     n, h = x.shape
+    if isinstance(delta, PeerSum) and delta.xch.world * h > PARTS_PER_ROW_PROGRAM:
+        delta = sum_parts(delta)  # wide rows: many programs add the parts up, then one per row normalises
     block = triton.next_power_of_2(h)
     s = x if delta is None else torch.empty_like(x)
     y = torch.empty_like(x)
-    _add_ln_kernel[(n,)](x, delta if delta is not None else x, s, y, gamma, beta, h, eps,
-                         HAS_D=delta is not None, BLOCK=block, num_warps=_ln_warps(block), **_pdl(x))
+    _add_ln_kernel[(n,)](
+        X=x, R=s, Y=y, G=gamma, Bias=beta, N=h, eps=eps, HAS_D=delta is not None, BLOCK=block,
+        num_warps=_ln_warps(block), **_delta_args(delta, x), **_pdl(x))
     return s, y
+
+
+def sum_parts(pending: PeerSum) -> torch.Tensor:
+    """A pending peer sum as a float32 tensor (for a consumer without the exchange built in)."""
+    rows, cols = pending.shape
+    out = torch.empty(rows, cols, dtype=torch.float32, device=pending.xch.data.device)
+    block = min(1024, triton.next_power_of_2(cols))
+    _sum_parts_kernel[(rows, triton.cdiv(cols, block))](OUT=out, N=cols, BLOCK=block, num_warps=4,
+                                                         **pending.consumer_args(), **_pdl(out))
+    return out
 
 
 def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -352,13 +481,15 @@ def _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg):
 
 if triton is not None:
     @triton.jit
-    def _skinny_mm_kernel(X, W, Y, PART, M, N, K, k_chunk, stride_x, stride_w, stride_y, RELU2: tl.constexpr,
+    def _skinny_mm_kernel(X, W, Y, PART, M, N, K, k_chunk, stride_x, stride_w, stride_y,
+                          XPTRS, XFLAGPTRS, XTICKET, XEPOCH, x_call, x_data_off, x_flag_off, RELU2: tl.constexpr,
                           IEEE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_K: tl.constexpr, XTP: tl.constexpr, XTP2: tl.constexpr, PDL: tl.constexpr):
         """y[:M, tile] = x[:M] @ W[tile]^T for one BLOCK_N tile of W's rows, streaming W once (the step's M <= 64
         rows ride along in one padded tensor-core tile). RELU2: y = relu(round(y))^2, the MLP's activation.
         SPLIT_K > 1: program (tile, s) sums only K range [s*k_chunk, (s+1)*k_chunk) into PART[s] (float32), and
-        `_splitk_reduce` finishes; wide tiles then still make enough programs to fill the GPU."""
+        `_splitk_reduce` finishes; wide tiles then still make enough programs to fill the GPU.
+        XTP > 0 (float32 y, no split): y goes to the peer exchange instead of Y."""
         if PDL:
             _pdl_enter()
         pid = tl.program_id(0)
@@ -380,7 +511,10 @@ if triton is not None:
             else:
                 acc += tl.dot(x, tl.trans(w))
         out_mask = x_mask & (rn[None, :] < N)
-        if SPLIT_K == 1:
+        if XTP > 0:
+            _push(acc, rm[:, None] * N + rn[None, :], out_mask, XPTRS, x_data_off, XTP)
+            _signal(XFLAGPTRS, XTICKET, XEPOCH, x_call, x_flag_off, XTP, XTP2)
+        elif SPLIT_K == 1:
             y = acc.to(Y.dtype.element_ty)
             if RELU2:
                 yf = tl.maximum(y.to(tl.float32), 0.0)
@@ -391,9 +525,11 @@ if triton is not None:
             tl.store(part, acc, mask=out_mask)
 
     @triton.jit
-    def _splitk_reduce(PART, Y, M, N, stride_y, RELU2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
-        """Program (row m, block of columns): y = sum over s of PART[s, m] in order, then the epilogue."""
+    def _splitk_reduce(PART, Y, M, N, stride_y, XPTRS, XFLAGPTRS, XTICKET, XEPOCH, x_call, x_data_off, x_flag_off,
+                       RELU2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, XTP: tl.constexpr,
+                       XTP2: tl.constexpr, PDL: tl.constexpr):
+        """Program (row m, block of columns): y = sum over s of PART[s, m] in order, then the epilogue (or, with
+        XTP > 0, the push to the peer exchange)."""
         if PDL:
             _pdl_enter()
         m = tl.program_id(0)
@@ -402,11 +538,15 @@ if triton is not None:
         total = tl.zeros([BLOCK], tl.float32)
         for sk in range(SPLIT_K):
             total += tl.load(PART + (sk * M + m).to(tl.int64) * N + cols, mask=live, other=0.0)
-        y = total.to(Y.dtype.element_ty)
-        if RELU2:
-            yf = tl.maximum(y.to(tl.float32), 0.0)
-            y = (yf * yf).to(Y.dtype.element_ty)
-        tl.store(Y + m * stride_y + cols, y, mask=live)
+        if XTP > 0:
+            _push(total, m * N + cols, live, XPTRS, x_data_off, XTP)
+            _signal(XFLAGPTRS, XTICKET, XEPOCH, x_call, x_flag_off, XTP, XTP2)
+        else:
+            y = total.to(Y.dtype.element_ty)
+            if RELU2:
+                yf = tl.maximum(y.to(tl.float32), 0.0)
+                y = (yf * yf).to(Y.dtype.element_ty)
+            tl.store(Y + m * stride_y + cols, y, mask=live)
 
 
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per weight shape; the fastest (or cuBLAS) is kept.
@@ -433,21 +573,34 @@ skinny_timings: Dict[str, Dict[str, float]] = {}  # what the choice was made fro
 skinny_errors: Dict[str, str] = {}
 
 
-def _skinny_launch(x, w, y, relu2, cfg):
+def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None):
+    """y = x @ w^T [relu^2] with config cfg; with a target, y (None then) goes to the peer exchange instead."""
     bn, bk, warps, stages = cfg[:4]
     M, K = x.shape
     N = w.shape[0]
     k_chunk = triton.cdiv(triton.cdiv(K, cfg[4] if len(cfg) > 4 else 1), bk) * bk
     splits = triton.cdiv(K, k_chunk)
-    part = torch.empty(splits * M * N, dtype=torch.float32, device=x.device) if splits > 1 else y
+    part = torch.empty(splits * M * N, dtype=torch.float32, device=x.device) if splits > 1 else None
+    y_or_part = y if y is not None else part if part is not None else x
+    stride_y = y.stride(0) if y is not None else N
     _skinny_mm_kernel[(triton.cdiv(N, bn), splits)](
-        x, w, y, part, M, N, K, k_chunk, x.stride(0), w.stride(0), y.stride(0), RELU2=relu2,
+        X=x, W=w, Y=y_or_part, PART=part if part is not None else y_or_part, M=M, N=N, K=K, k_chunk=k_chunk,
+        stride_x=x.stride(0), stride_w=w.stride(0), stride_y=stride_y, RELU2=relu2,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(M), BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages, **_pdl(x))
+        num_warps=warps, num_stages=stages, **_producer_args(target if splits == 1 else None, y_or_part),
+        **_pdl(x))
     if splits > 1:
         block = min(1024, triton.next_power_of_2(N))
-        _splitk_reduce[(M, triton.cdiv(N, block))](part, y, M, N, y.stride(0), RELU2=relu2, SPLIT_K=splits,
-                                                    BLOCK=block, num_warps=4, **_pdl(x))
+        _splitk_reduce[(M, triton.cdiv(N, block))](
+            PART=part, Y=y if y is not None else part, M=M, N=N, stride_y=stride_y, RELU2=relu2, SPLIT_K=splits,
+            BLOCK=block, num_warps=4, **_producer_args(target, part), **_pdl(x))
+
+
+def _push_launch(y: torch.Tensor, target: PeerSum) -> None:
+    M, N = y.shape
+    block = min(1024, triton.next_power_of_2(N))
+    _push_kernel[(M, triton.cdiv(N, block))](Y=y, M=M, N=N, BLOCK=block, num_warps=4, **target.producer_args(),
+                                              **_pdl(y))
 
 
 _l2_scratch: Dict[torch.device, torch.Tensor] = {}
@@ -461,7 +614,8 @@ def graph_time_ms(fn, reps: int = 20) -> float:
     device = torch.device("cuda", torch.cuda.current_device())
     scratch = _l2_scratch.get(device)
     if scratch is None:
-        scratch = _l2_scratch[device] = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode alike
+            scratch = _l2_scratch[device] = torch.empty(64 << 20, dtype=torch.uint8, device=device)
 
     def replay_ms(body) -> float:
         main = torch.cuda.current_stream()
@@ -534,20 +688,37 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dt
     relu^2 if asked. For M <= 64 on CUDA, whichever of cuBLAS and the skinny Triton kernel (per config) was
     faster on first use of this shape runs from then on (NEMOTRON_DECODE_MATMUL=cublas|triton pins it)."""
     out_dtype = out_dtype or x.dtype
-    if not _use_triton(x) or x.shape[0] > SKINNY_MAX_ROWS or (relu2 and out_dtype != x.dtype):
-        return _cublas(x, w, out_dtype, relu2)
-    key = (x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2, x.device)
-    if key not in _skinny_choice:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return _cublas(x, w, out_dtype, relu2)  # never time inside a capture (warm-up runs first)
-        _skinny_choice[key] = _pick_skinny(x, w, out_dtype, relu2)
-    cfg = _skinny_choice[key]
+    cfg = _matmul_choice(x, w, out_dtype, relu2)
     if cfg is None:
         return _cublas(x, w, out_dtype, relu2)
-    assert x.stride(1) == 1 and w.stride(1) == 1
     y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
     _skinny_launch(x, w, y, relu2, cfg)
     return y
+
+
+def decode_linear_to_peers(x: torch.Tensor, w: torch.Tensor, target: PeerSum) -> PeerSum:
+    """This rank's part of a row-parallel product, x [M, K] @ w[N, K]^T in float32, pushed into the peer
+    exchange as `target` (the skinny kernel's epilogue does it; after cuBLAS a small kernel does)."""
+    assert target.shape == (x.shape[0], w.shape[0]) and can_exchange(x)
+    cfg = _matmul_choice(x, w, torch.float32, False)
+    if cfg is None:
+        _push_launch(_cublas(x, w, torch.float32, False), target)
+    else:
+        _skinny_launch(x, w, None, False, cfg, target)
+    return target
+
+
+def _matmul_choice(x, w, out_dtype, relu2) -> Optional[Tuple[int, ...]]:
+    """The skinny kernel's config for this product, or None for cuBLAS (timed once per shape, outside captures)."""
+    if not _use_triton(x) or x.shape[0] > SKINNY_MAX_ROWS or (relu2 and out_dtype != x.dtype):
+        return None
+    key = (x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2, x.device)
+    if key not in _skinny_choice:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None  # never time inside a capture (warm-up runs first)
+        _skinny_choice[key] = _pick_skinny(x, w, out_dtype, relu2)
+    assert x.stride(1) == 1 and w.stride(1) == 1
+    return _skinny_choice[key]
 
 
 # --- add + LayerNorm fused into the skinny matmul's prologue (one or two rows) -------------------------------
@@ -626,22 +797,23 @@ def _ln_launch(x, delta, s, gamma, beta, eps, w, y, relu2, cfg):
     M, K = x.shape
     N = w.shape[0]
     _ln_skinny_mm_kernel[(triton.cdiv(N, bn),)](
-        x, delta if delta is not None else x, s, gamma, beta, w, y, M, N, K, eps, w.stride(0), y.stride(0),
-        HAS_D=delta is not None, RELU2=relu2, IEEE=x.dtype == torch.float32, ROWS=LN_FUSE_MAX_ROWS,
-        BLOCK_M=_block_m(LN_FUSE_MAX_ROWS), BLOCK_KF=triton.next_power_of_2(K), BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages, **_pdl(x))
+        X=x, D=delta if delta is not None else x, S=s, G=gamma, Bt=beta, W=w, Y=y, M=M, N=N, K=K, eps=eps,
+        stride_w=w.stride(0), stride_y=y.stride(0), HAS_D=delta is not None, RELU2=relu2,
+        IEEE=x.dtype == torch.float32, ROWS=LN_FUSE_MAX_ROWS, BLOCK_M=_block_m(LN_FUSE_MAX_ROWS),
+        BLOCK_KF=triton.next_power_of_2(K), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_pdl(x))
 
 
-def add_layer_norm_linear(x: torch.Tensor, delta: Optional[torch.Tensor], gamma: torch.Tensor,
+def add_layer_norm_linear(x: torch.Tensor, delta: Delta, gamma: torch.Tensor,
                           beta: torch.Tensor, eps: float, w: torch.Tensor,
                           relu2: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """`add_layer_norm` then `decode_linear` (same results): (s = x + delta, LayerNorm(s) @ w^T [relu^2]).
     For one or two rows on CUDA the LayerNorm runs in the matmul's prologue (one launch instead of two) when
-    that was faster for this weight on first use."""
+    that was faster for this weight on first use. Not for a pending peer sum: every program would reread all
+    the parts (on an H100 that never won, and most configs ran out of shared memory)."""
     M, K = x.shape
     fusable = (_use_triton(x) and M <= LN_FUSE_MAX_ROWS and K <= LN_FUSE_MAX_WIDTH and x.is_contiguous()
-               and (delta is None or delta.is_contiguous()) and w.stride(1) == 1
-               and matmul_mode() != "cublas")
+               and not isinstance(delta, PeerSum) and (delta is None or delta.is_contiguous())
+               and w.stride(1) == 1 and matmul_mode() != "cublas")
 
     def unfused():
         s, h = add_layer_norm(x, delta, gamma, beta, eps)
@@ -660,9 +832,14 @@ def add_layer_norm_linear(x: torch.Tensor, delta: Optional[torch.Tensor], gamma:
             y_buf = torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device)
             times = {"unfused": graph_time_ms(unfused)}
             for cfg in SKINNY_CONFIGS:
-                times[str(cfg)] = graph_time_ms(
-                    lambda: _ln_launch(x, delta, s_buf, gamma, beta, eps, w, y_buf, relu2, cfg))
-            skinny_timings[f"LN+ M{M} N{w.shape[0]} K{K}{' relu2' if relu2 else ''}"] = times
+                try:
+                    times[str(cfg)] = graph_time_ms(
+                        lambda: _ln_launch(x, delta, s_buf, gamma, beta, eps, w, y_buf, relu2, cfg))
+                except Exception as exc:  # a config this card or Triton cannot run: never chosen, and reported
+                    times[str(cfg)] = float("inf")
+                    skinny_errors[f"LN+ {cfg}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            name = f"LN+ M{M} N{w.shape[0]} K{K}{' relu2' if relu2 else ''}{' no-delta' if delta is None else ''}"
+            skinny_timings[name] = times
             best = min(SKINNY_CONFIGS, key=lambda c: times[str(c)])
             _ln_choice[key] = best if times[str(best)] < times["unfused"] else None
     cfg = _ln_choice[key]

@@ -1,5 +1,12 @@
 """Small all-reduces straight from the peers' memory (NVLink), for decode.
 
+Two paths, both on PyTorch's symmetric memory:
+* `PeerAllReduce`: an out-of-place all-reduce as one kernel (torch's `one_shot_all_reduce_copy_out`).
+* `PeerExchange`: no all-reduce kernel at all. The row-parallel matmul that makes a partial sum writes it
+  straight into every rank's exchange buffer (its epilogue) and raises a flag there; the next kernel (the
+  add+LayerNorm that consumes the sum) waits for the flags and adds the parts itself. A decode step's fused
+  kernels use it (nemotron.engine.kernels); this module only owns the memory.
+
 A decode step all-reduces a [batch, hidden] activation twice per layer. At that size NCCL's ring is all latency
 (13-17 us per call inside a CUDA graph on H100, ~1.1 ms of a 3.4 ms TP4 step). PyTorch's symmetric memory maps
 each TP rank's buffer into every other rank's address space, so one kernel can copy the local input into the
@@ -15,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Dict, Iterator, Optional
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 4 << 20
 
 _registry: Dict[str, "PeerAllReduce"] = {}
+_exchanges: Dict[str, "PeerExchange"] = {}
 
 
 class PeerAllReduce:
@@ -51,12 +60,112 @@ class PeerAllReduce:
         return out
 
 
+class PeerExchange:
+    """Per rank: `data` [2 regions, tp parts, slot] float32 and `flags` [2 regions, tp] int32, both readable and
+    writable by every rank of the group (`data_ptrs` / `flag_ptrs`: each rank's addresses, on the device).
+
+    A decode step numbers its row-parallel sums 0, 1, 2, ... (`target(call, ...)`); sum `call` uses region
+    call % 2. Its producer, on every rank, writes its part into part[rank] of that region on every rank, then
+    sets flags[region][rank] there to `flag value` = epoch * 1024 + call; a consumer waits until its local
+    flags[region] all hold that value and adds the parts in rank order (so every rank gets the same bits).
+    `epoch` counts decode steps on the device (`begin_step`, inside the graphs too), so a flag left from an
+    earlier step never matches. Two regions suffice: a rank can only write a region again after every peer's
+    flag for the call in between reached it, and a peer raises that flag only after it has consumed the region.
+    A step must therefore make an even number of sums (two per layer), so consecutive steps alternate too.
+    `ticket` counts the producer's finished programs; the last one raises the flags.
+    """
+
+    def __init__(self, rank: int, world: int, data: torch.Tensor, flags: torch.Tensor,
+                 data_ptrs: Sequence[int], flag_ptrs: Sequence[int]):
+        self.rank, self.world = rank, world
+        self.data, self.flags = data, flags  # this rank's: [2, world, slot] float32, [2, world] int32
+        self.slot = data.shape[2]
+        device = data.device
+        self.data_ptrs = torch.tensor(list(data_ptrs), dtype=torch.int64, device=device)
+        self.flag_ptrs = torch.tensor(list(flag_ptrs), dtype=torch.int64, device=device)
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
+        self.epoch = torch.zeros(1, dtype=torch.int32, device=device)
+
+    @staticmethod
+    def layout(world: int, slot_elems: int) -> Tuple[int, int]:
+        """Bytes of the data regions, and of the whole buffer (flags after the data)."""
+        data_bytes = 2 * world * slot_elems * 4
+        return data_bytes, data_bytes + 2 * world * 4
+
+    @classmethod
+    def over_group(cls, group: dist.ProcessGroup, device: torch.device, slot_bytes: int) -> "PeerExchange":
+        """Collective over `group`: one symmetric-memory buffer per rank, mapped into every other rank."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        slot = slot_bytes // 4
+        data_bytes, total = cls.layout(world, slot)
+        buffer = symm_mem.empty(total, dtype=torch.uint8, device=device)
+        buffer.zero_()  # flags start below any flag value; every rank zeroes before the rendezvous' barrier
+        handle = symm_mem.rendezvous(buffer, group.group_name)
+        offset = buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
+        bases = [p + offset for p in handle.buffer_ptrs]
+        data = buffer[:data_bytes].view(torch.float32).view(2, world, slot)
+        flags = buffer[data_bytes:total].view(torch.int32).view(2, world)
+        torch.cuda.synchronize(device)
+        return cls(rank, world, data, flags, bases, [b + data_bytes for b in bases])
+
+    def fits(self, rows: int, cols: int) -> bool:
+        return rows * cols <= self.slot
+
+    def begin_step(self) -> None:
+        self.epoch.add_(1)
+
+    def target(self, call: int, rows: int, cols: int) -> "PeerSum":
+        if not 0 <= call < 1024:
+            raise ValueError(f"peer sum number {call}: a step makes at most 1024")
+        if not self.fits(rows, cols):
+            raise ValueError(f"[{rows}, {cols}] does not fit the exchange's {self.slot}-element slots")
+        return PeerSum(self, call, rows, cols)
+
+
+@dataclass
+class PeerSum:
+    """The TP sum of a [rows, cols] float32 partial that every rank pushes into the exchange as sum `call`: what
+    a producer kernel is told to write, and what a consumer kernel is told to wait for and add up."""
+    xch: PeerExchange
+    call: int
+    rows: int
+    cols: int
+
+    @property
+    def region(self) -> int:
+        return self.call % 2
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.rows, self.cols
+
+    def producer_args(self) -> dict:
+        x, r = self.xch, self.region
+        return dict(XPTRS=x.data_ptrs, XFLAGPTRS=x.flag_ptrs, XTICKET=x.ticket, XEPOCH=x.epoch,
+                    x_call=self.call, x_data_off=(r * x.world + x.rank) * x.slot, x_flag_off=r * x.world + x.rank,
+                    XTP=x.world, XTP2=_pow2(x.world))
+
+    def consumer_args(self) -> dict:
+        """D: part 0 of this rank's region (part s is `d_part_stride` elements further)."""
+        x, r = self.xch, self.region
+        return dict(D=x.data[r], DFLAGS=x.flags[r], DEPOCH=x.epoch, d_call=self.call, d_part_stride=x.slot,
+                    DTP=x.world, DTP2=_pow2(x.world))
+
+
+def _pow2(n: int) -> int:
+    """The kernels handle the ranks as one vector, whose length must be a power of two."""
+    return 1 << (n - 1).bit_length()
+
+
 def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.device,
                            max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
     """Collective over `group` (every member calls it). Returns whether the peer path is on for this group.
 
     Off when NEMOTRON_PEER_ALLREDUCE=0, off CUDA, for a group of one, or when symmetric memory cannot be set up
     (then every member falls back together: a failure on one rank is shared through an all-reduce of the flag).
+    With it comes a `PeerExchange` with slots of `max_bytes`, unless NEMOTRON_PEER_EXCHANGE=0.
     """
     switch = os.environ.get("NEMOTRON_PEER_ALLREDUCE", "1")
     if switch not in ("0", "1"):
@@ -66,11 +175,16 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
     if dist.get_world_size(group) < 2:
         return False
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    peer, error = None, ""
+    exchange_switch = os.environ.get("NEMOTRON_PEER_EXCHANGE", "1")
+    if exchange_switch not in ("0", "1"):
+        raise ValueError(f"NEMOTRON_PEER_EXCHANGE={exchange_switch!r}: expected 0 or 1")
+    peer, exchange, error = None, None, ""
     try:
         if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
             raise RuntimeError("this PyTorch has no symm_mem.one_shot_all_reduce_copy_out")
         peer = PeerAllReduce(group, device, max_bytes)
+        if exchange_switch == "1":
+            exchange = PeerExchange.over_group(group, device, max_bytes)
     except Exception as exc:  # symmetric memory needs P2P access and a recent driver; NCCL still works
         error = f"{type(exc).__name__}: {exc}"
     ok = torch.tensor([1 if peer is not None else 0], dtype=torch.int32, device=device)
@@ -80,6 +194,8 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
                  error or "another rank could not set it up")
         return False
     _registry[group.group_name] = peer
+    if exchange is not None:
+        _exchanges[group.group_name] = exchange
     return True
 
 
@@ -87,12 +203,28 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
 def nccl_only(group: Optional[dist.ProcessGroup]) -> Iterator[None]:
     """Inside the block every all-reduce of `group` goes through NCCL (the benchmark times both paths)."""
     peer = _registry.pop(group.group_name, None) if group is not None else None
+    with without_exchange(group):
+        try:
+            yield
+        finally:
+            if peer is not None:
+                _registry[group.group_name] = peer
+
+
+@contextlib.contextmanager
+def without_exchange(group: Optional[dist.ProcessGroup]) -> Iterator[None]:
+    """Inside the block decode steps all-reduce with a kernel again (the benchmark times both)."""
+    exchange = _exchanges.pop(group.group_name, None) if group is not None else None
     try:
         yield
     finally:
-        if peer is not None:
-            _registry[group.group_name] = peer
+        if exchange is not None:
+            _exchanges[group.group_name] = exchange
 
 
 def peer_all_reduce_for(group: dist.ProcessGroup) -> Optional[PeerAllReduce]:
     return _registry.get(group.group_name)
+
+
+def peer_exchange_for(group: Optional[dist.ProcessGroup]) -> Optional[PeerExchange]:
+    return _exchanges.get(group.group_name) if group is not None else None

@@ -1,0 +1,78 @@
+"""The peer exchange's kernels with three simulated ranks in one process (tests/test_kernels_cpu.py runs it in
+Triton's interpreter, tests/test_gpu.py on a GPU).
+
+Each rank's exchange data and flags are ordinary tensors; every rank's producer writes through the address tables
+into all of them, as it writes into its peers' memory over NVLink on a multi-GPU host. Producers push their parts
+and raise the flags. Consumers add the parts in rank order: the sum alone, add+LayerNorm (parts added in its own
+program, or by `sum_parts` first), and add+LayerNorm before the next matmul. Each must match the same kernels
+given the summed tensor, bit for bit. Every producer path (skinny kernel, split-K reduction, cuBLAS + push
+kernel), both regions, two steps (epochs).
+"""
+import torch
+import torch.nn.functional as F
+
+from nemotron.engine import kernels
+from nemotron.parallel.peer_allreduce import PeerExchange, PeerSum
+
+TP, SLOT = 3, 4096
+
+
+def check(device: torch.device, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    datas = [torch.full((2, TP, SLOT), float("nan"), device=device) for _ in range(TP)]
+    flags = [torch.zeros(2, TP, dtype=torch.int32, device=device) for _ in range(TP)]
+    xchs = [PeerExchange(r, TP, datas[r], flags[r], [d.data_ptr() for d in datas], [f.data_ptr() for f in flags])
+            for r in range(TP)]
+    # (rows, columns, K, how): the skinny kernel pushes from its epilogue; split K, the reduction kernel pushes;
+    # cuBLAS's product is pushed by its own kernel
+    cases = [(4, 48, 40, (16, 32, 4, 2)), (2, 40, 96, (16, 32, 4, 2, 3)), (5, 40, 8, "cublas"),
+             (2, 40, 24, (32, 16, 4, 2))]
+    for _step in range(2):
+        for xch in xchs:
+            xch.begin_step()
+        for call, (M, N, K, how) in enumerate(cases):
+            xs, ws = [randn(M, K).to(dtype) for _ in range(TP)], [randn(N, K).to(dtype) for _ in range(TP)]
+            for r, xch in enumerate(xchs):
+                target = xch.target(call, M, N)
+                if how == "cublas":
+                    kernels._push_launch(kernels._cublas(xs[r], ws[r], torch.float32, False), target)
+                else:
+                    kernels._skinny_launch(xs[r], ws[r], None, False, how, target)
+            pending = [PeerSum(xch, call, M, N) for xch in xchs]
+            region = call % 2
+            pushed = [datas[0][region, src, :M * N].view(M, N) for src in range(TP)]
+            for r in range(TP):  # every rank holds the same parts, each the right product
+                assert int(flags[r][region].min()) == int(xchs[r].epoch) * 1024 + call, "a flag is missing"
+                assert int(flags[r][region].max()) == int(xchs[r].epoch) * 1024 + call
+                assert int(xchs[r].ticket) == 0, "the last program resets the ticket"
+                for src in range(TP):
+                    assert torch.equal(datas[r][region, src, :M * N].view(M, N), pushed[src])
+                    ref = xs[src].double() @ ws[src].double().t()
+                    torch.testing.assert_close(pushed[src].double(), ref, rtol=1e-4, atol=1e-3)
+            total = pushed[0] + pushed[1] + pushed[2]  # rank order, float32, as the kernels add them
+            x, g, b = randn(M, N).to(dtype), randn(N).to(dtype), randn(N).to(dtype)
+            ref_s = (x.float() + total.to(dtype).float()).to(dtype)  # the sum rounded once, then added (eager)
+            ref_y = F.layer_norm(ref_s.float(), (N,), g.float(), b.float(), 1e-5)
+            w_next = randn(24, N).to(dtype)
+            tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+            tol_mm = tol if dtype == torch.float32 else dict(rtol=5e-2, atol=1e-1)  # bf16 LayerNorm out, K = N
+            # the same kernels given the summed tensor itself: the exchange must not change a bit
+            plain_s, plain_y = kernels.add_layer_norm(x, total, g, b, 1e-5)
+            torch.testing.assert_close(plain_s, ref_s, rtol=0, atol=0)
+            torch.testing.assert_close(plain_y.float(), ref_y, **tol)
+            plain_h = kernels.decode_linear(plain_y, w_next)  # a pending sum's LayerNorm is never fused
+            torch.testing.assert_close(plain_h.float(), ref_y @ w_next.float().t(), **tol_mm)
+            default = kernels.PARTS_PER_ROW_PROGRAM
+            for r in range(TP):
+                assert torch.equal(kernels.sum_parts(pending[r]), total)
+                for per_program in (default, 0):  # parts added inside add+LayerNorm, or by sum_parts first
+                    kernels.PARTS_PER_ROW_PROGRAM = per_program
+                    s, y = kernels.add_layer_norm(x, pending[r], g, b, 1e-5)
+                    assert torch.equal(s, plain_s) and torch.equal(y, plain_y)
+                    s2, h = kernels.add_layer_norm_linear(x, pending[r], g, b, 1e-5, w_next)
+                    assert torch.equal(s2, plain_s) and torch.equal(h, plain_h)
+                kernels.PARTS_PER_ROW_PROGRAM = default
