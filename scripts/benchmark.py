@@ -52,7 +52,8 @@ from nemotron.engine import kernels as kernels_mod  # noqa: E402
 from nemotron.engine.forward import forward_logits  # noqa: E402
 from nemotron.engine.graphs import DecodeGraphs, batch_bucket  # noqa: E402
 from nemotron.model import Batch, NemotronModel  # noqa: E402
-from nemotron.parallel.peer_allreduce import enable_peer_all_reduce, nccl_only, peer_all_reduce_for  # noqa: E402
+from nemotron.parallel.peer_allreduce import (enable_peer_all_reduce, nccl_only, peer_all_reduce_for,  # noqa: E402
+                                              peer_exchange_for, without_exchange)
 from nemotron.parallel.state import ParallelState  # noqa: E402
 
 TINY = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
@@ -860,7 +861,10 @@ def decode_suite(ctx: Ctx, model, cache):
     decode_bench(ctx, model, stepper, None, a.batches, a.prompt, a.steps,
                  variants=("graph", "eager", "engine", "served"))
     if a.allreduce == "both" and ps_has_peer(ctx) and stepper.graphs is not None:
-        guarded(ctx, "decode_nccl", decode_with_nccl, ctx, model, stepper, prompts1)
+        if peer_exchange_for(ctx.ps.tp_group) is not None:
+            guarded(ctx, "decode_one_shot", decode_with, ctx, model, stepper, prompts1, "one_shot_allreduce",
+                    without_exchange)
+        guarded(ctx, "decode_nccl", decode_with, ctx, model, stepper, prompts1, "nccl_allreduce", nccl_only)
     if a.profile:
         guarded(ctx, "profile", profile_stage, ctx, model, stepper, a.profile)
     if a.slope_layers:
@@ -923,20 +927,21 @@ def ps_has_peer(ctx: Ctx) -> bool:
     return ctx.ps.tp_group is not None and peer_all_reduce_for(ctx.ps.tp_group) is not None
 
 
-def decode_with_nccl(ctx: Ctx, model, stepper, prompts1):
-    """The batch-1 graph step again with every all-reduce through NCCL (graphs recaptured), then the peer path
-    back on: the all-reduce path's share of the step, measured in the same run."""
+def decode_with(ctx: Ctx, model, stepper, prompts1, name: str, paths):
+    """The batch-1 graph step again (graphs recaptured) inside `paths(tp_group)`: without the peer exchange (an
+    all-reduce kernel per sum, through the peers' memory) or with NCCL only; then the default path back on. The
+    sum path's share of the step, measured in the same run; greedy tokens compared with the default path's."""
     stepper.graphs.reset()
     try:
-        with nccl_only(ctx.ps.tp_group):
+        with paths(ctx.ps.tp_group):
             toks, _ = greedy(stepper.graph, model, stepper.cache, prompts1, 32)
             ms = decode_loop_ms(ctx, stepper.graph, model, stepper.cache, prompts1, ctx.args.steps)
     finally:
-        stepper.graphs.reset()  # the graphs captured the NCCL path
+        stepper.graphs.reset()  # the graphs captured the other path
     same = int((toks == torch.tensor(ctx.result.get("tokens_graph_batch1", toks.tolist()), device=toks.device)).sum())
-    ctx.result["decode_batch1_nccl_allreduce"] = {"graph_ms": ms, "tokens_matching_peer_path": same,
-                                                  "of": int(toks.numel())}
-    ctx.log("batch 1 with NCCL all-reduces:", ctx.result["decode_batch1_nccl_allreduce"])
+    ctx.result[f"decode_batch1_{name}"] = {"graph_ms": ms, "tokens_matching_default_path": same,
+                                           "of": int(toks.numel())}
+    ctx.log(f"batch 1 with {name}:", ctx.result[f"decode_batch1_{name}"])
 
 
 @torch.inference_mode()
@@ -1162,6 +1167,7 @@ def main():
         "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "preset": args.preset,
         "num_layers": cfg.num_layers, "tp": ps.tp_size, "pp": ps.pp_size, "config": cfg.__dict__,
         "peer_allreduce": ps.tp_group is not None and peer_all_reduce_for(ps.tp_group) is not None,
+        "peer_exchange": peer_exchange_for(ps.tp_group) is not None,
         "env": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(dev) if ctx.cuda else "cpu",
                 "cuda": torch.version.cuda, "triton": getattr(kernels_mod.triton, "__version__", None)},
     })
