@@ -40,13 +40,14 @@ _exchanges: Dict[str, "PeerExchange"] = {}
 class PeerAllReduce:
     """Out-of-place sum over a process group through one shared (symmetric-memory) buffer per rank."""
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, group: dist.ProcessGroup, buffer: torch.Tensor):
+        """Collective over `group`: maps every rank's `buffer` (bytes from `symm_mem.empty`) into the others."""
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = group.group_name
-        self.max_bytes = max_bytes
-        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)  # collective over the group: maps the peers' buffers
+        self.max_bytes = buffer.numel()
+        self.buffer = buffer
+        symm_mem.rendezvous(self.buffer, self.group_name)
 
     def fits(self, x: torch.Tensor) -> bool:
         return (x.is_cuda and x.is_contiguous() and x.numel() * x.element_size() <= self.max_bytes
@@ -93,21 +94,22 @@ class PeerExchange:
         return data_bytes, data_bytes + 2 * world * 4
 
     @classmethod
-    def over_group(cls, group: dist.ProcessGroup, device: torch.device, slot_bytes: int) -> "PeerExchange":
-        """Collective over `group`: one symmetric-memory buffer per rank, mapped into every other rank."""
+    def over_group(cls, group: dist.ProcessGroup, buffer: torch.Tensor, slot_bytes: int) -> "PeerExchange":
+        """Collective over `group`: maps every rank's `buffer` (`layout(world, slot_bytes // 4)[1]` bytes from
+        `symm_mem.empty`) into the others."""
         import torch.distributed._symmetric_memory as symm_mem
 
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         slot = slot_bytes // 4
         data_bytes, total = cls.layout(world, slot)
-        buffer = symm_mem.empty(total, dtype=torch.uint8, device=device)
+        assert buffer.numel() == total, (buffer.numel(), total)
         buffer.zero_()  # flags start below any flag value; every rank zeroes before the rendezvous' barrier
         handle = symm_mem.rendezvous(buffer, group.group_name)
         offset = buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
         bases = [p + offset for p in handle.buffer_ptrs]
         data = buffer[:data_bytes].view(torch.float32).view(2, world, slot)
         flags = buffer[data_bytes:total].view(torch.int32).view(2, world)
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(buffer.device)
         return cls(rank, world, data, flags, bases, [b + data_bytes for b in bases])
 
     def fits(self, rows: int, cols: int) -> bool:
@@ -178,18 +180,28 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
     exchange_switch = os.environ.get("NEMOTRON_PEER_EXCHANGE", "1")
     if exchange_switch not in ("0", "1"):
         raise ValueError(f"NEMOTRON_PEER_EXCHANGE={exchange_switch!r}: expected 0 or 1")
-    peer, exchange, error = None, None, ""
-    try:
+    want_exchange = exchange_switch == "1"
+    buffers, peer, exchange, error = None, None, None, ""
+    try:  # symmetric memory needs P2P access and a recent driver; NCCL always works
         if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
             raise RuntimeError("this PyTorch has no symm_mem.one_shot_all_reduce_copy_out")
-        peer = PeerAllReduce(group, device, max_bytes)
-        if exchange_switch == "1":
-            exchange = PeerExchange.over_group(group, device, max_bytes)
-    except Exception as exc:  # symmetric memory needs P2P access and a recent driver; NCCL still works
+        import torch.distributed._symmetric_memory as symm_mem
+        exchange_bytes = PeerExchange.layout(dist.get_world_size(group), max_bytes // 4)[1]
+        buffers = (symm_mem.empty(max_bytes, dtype=torch.uint8, device=device),
+                   symm_mem.empty(exchange_bytes, dtype=torch.uint8, device=device) if want_exchange else None)
+    except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-    ok = torch.tensor([1 if peer is not None else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-    if int(ok.item()) == 0:
+    # Allocating is local, mapping is collective: a rank enters the rendezvous only once every rank has its buffers,
+    # so one that failed never leaves the others waiting there.
+    if _everyone(buffers is not None, group, device):
+        try:
+            peer = PeerAllReduce(group, buffers[0])
+            if want_exchange:
+                exchange = PeerExchange.over_group(group, buffers[1], max_bytes)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    # Every rank must take the same path in every decode step: on only if it is on everywhere.
+    if not _everyone(peer is not None and (exchange is not None or not want_exchange), group, device):
         log.info("peer all-reduce off for group %s (%s); NCCL carries every all-reduce", group.group_name,
                  error or "another rank could not set it up")
         return False
@@ -197,6 +209,13 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
     if exchange is not None:
         _exchanges[group.group_name] = exchange
     return True
+
+
+def _everyone(ok: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
+    """Collective: whether `ok` holds on every rank of the group."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
 
 
 @contextlib.contextmanager
