@@ -2,7 +2,6 @@
 (plain or gzip) is the same checkpoint as its unpacked directory; a sharded HF checkpoint equals a single file."""
 import json
 import os
-import tempfile
 
 import pytest
 import torch
@@ -74,7 +73,8 @@ def test_nemo_archive_equals_unpacked_dir(gzip, tmp_path):
     src = os.path.join(FIXTURES, "tiny_tp2_zarr")
     archive = str(tmp_path / "tiny.nemo")
     nemo.pack_nemo(src, archive, gzip=gzip)
-    before = set(os.listdir(tempfile.gettempdir()))
+    home = nemo._extraction_home()
+    before = set(os.listdir(home))
     cfg_a, state_a, tok_a = load_full_state(src)
     cfg_b, state_b, tok_b = load_full_state(archive)
     assert cfg_a == cfg_b
@@ -82,7 +82,7 @@ def test_nemo_archive_equals_unpacked_dir(gzip, tmp_path):
     assert same_bytes(tok_a, tok_b)  # still readable: copied out of the (now deleted) extraction
     lm = load_model(archive, progress=False)
     assert lm.format == "nemo-zarr" and lm.tokenizer.text_to_ids("<extra_id_1>") == [413, 5]
-    leftovers = {e for e in set(os.listdir(tempfile.gettempdir())) - before if e.startswith("nemotron-nemo-")}
+    leftovers = set(os.listdir(home)) - before
     assert not leftovers, f"extraction directories left behind: {leftovers}"
     # and the archive converts like the directory
     convert(archive, str(tmp_path / "hf"))

@@ -9,19 +9,26 @@ What a NeMo Megatron-GPT checkpoint holds (nemo-reference.md §4):
 
 Older layouts (`model_weights.ckpt`, `mp_rank_XX/`, `tp_rank_XX_pp_rank_XXX/`) are refused with a clear message.
 
-A `.nemo` tar is extracted into a private temporary directory first, member by member after checking that no
-member escapes it (absolute paths, `..`, links pointing outside, device files are refused).
+A `.nemo` tar is extracted first, after checking that no member escapes the directory (absolute paths, `..`, links
+pointing outside, device files are refused). The extraction is shared: every process of this user on this machine
+that opens the same archive at the same time (the 8 ranks of a node under TP8) uses one copy, made by the first
+under a file lock, and the last to close it removes it (`$TMPDIR/nemotron-<uid>/`, private to the user).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import socket
+import stat
 import tarfile
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import yaml
 
@@ -88,6 +95,97 @@ def extract_nemo(archive: str, dest: str) -> None:
             raise CheckpointError(f"{archive}: corrupt or truncated .nemo archive ({exc})") from None
 
 
+# --- One extraction per machine, shared by the processes that open the same archive ----------------------------
+
+def _extraction_home() -> str:
+    home = os.path.join(tempfile.gettempdir(), f"nemotron-{os.getuid()}")
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    st = os.lstat(home)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise CheckpointError(f"{home}: not a directory private to this user; refusing to extract .nemo archives "
+                              f"there (set TMPDIR elsewhere)")
+    return home
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on the file `path`. The last user of an extraction unlinks the lock file while holding it,
+    so a lock taken on a file that is no longer the one at `path` is dropped and taken again."""
+    while True:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(f.fileno()).st_ino:
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drop_dead_users(users: str) -> None:
+    """Forget users of this host whose process is gone (a crashed rank must not pin the extraction forever).
+    Other hosts' entries (a TMPDIR on a shared file system) are left alone: their pids mean nothing here."""
+    host = socket.gethostname()
+    for entry in os.listdir(users):
+        entry_host, _, rest = entry.rpartition("@")
+        pid = rest.split(".")[0]
+        if entry_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            os.remove(os.path.join(users, entry))
+
+
+def _shared_extraction(archive: str) -> tuple[str, Callable[[], None]]:
+    """(directory holding `archive` extracted, release function). Processes that open the same file (same real
+    path, size and modification time) share one extraction: under the lock the first extracts into a `.partial`
+    directory and renames it when complete, and each registers itself; `release` unregisters, and the last user
+    removes the directory."""
+    st = os.stat(archive)
+    ident = f"{os.path.realpath(archive)}|{st.st_size}|{st.st_mtime_ns}"
+    base = os.path.join(_extraction_home(), hashlib.sha256(ident.encode()).hexdigest()[:20])
+    users = base + ".users"
+    me = f"{socket.gethostname()}@{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    with _locked(base + ".lock"):
+        if not os.path.isdir(base):
+            partial = base + ".partial"
+            shutil.rmtree(partial, ignore_errors=True)  # a process killed mid-extraction
+            os.makedirs(partial)
+            try:
+                extract_nemo(archive, partial)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                if not os.path.isdir(users):  # nobody else uses this archive's lock
+                    os.remove(base + ".lock")
+                raise
+            os.rename(partial, base)
+        os.makedirs(users, exist_ok=True)
+        open(os.path.join(users, me), "w").close()
+
+    def release() -> None:
+        with _locked(base + ".lock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(users, me))
+            _drop_dead_users(users)
+            if not os.listdir(users):
+                shutil.rmtree(base, ignore_errors=True)
+                shutil.rmtree(users, ignore_errors=True)
+                os.remove(base + ".lock")
+    return base, release
+
+
 def _find_root(top: str, label: str) -> str:
     """The directory holding model_config.yaml: `top` itself or its single subdirectory (some tars nest one)."""
     if os.path.isfile(os.path.join(top, CONFIG_FILE)):
@@ -102,7 +200,7 @@ def _find_root(top: str, label: str) -> str:
 
 @dataclass
 class NemoCheckpoint:
-    """An opened NeMo checkpoint. For a `.nemo` tar, `root` is a temporary directory removed by `close()`."""
+    """An opened NeMo checkpoint. For a `.nemo` tar, `root` is in the shared extraction, released by `close()`."""
     path: str                 # what the caller gave (archive or directory)
     root: str                 # directory holding model_config.yaml
     config: Dict[str, Any]    # model_config.yaml
@@ -110,12 +208,12 @@ class NemoCheckpoint:
     weights_dir: str
     backend: str              # "torch_dist" or "zarr"
     is_archive: bool = False
-    _tmp: Optional[str] = field(default=None, repr=False)
+    _release: Optional[Callable[[], None]] = field(default=None, repr=False)
 
     def close(self) -> None:
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
 
     def __enter__(self) -> "NemoCheckpoint":
         return self
@@ -204,25 +302,25 @@ def find_weights(root: str) -> tuple[str, str]:
 
 
 def open_nemo(path: str) -> NemoCheckpoint:
-    """Open a .nemo tar or an unpacked NeMo directory. Use as a context manager (a tar's extraction is temporary)."""
+    """Open a .nemo tar or an unpacked NeMo directory. Use as a context manager (a tar's extraction is released
+    on close)."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
-    tmp = None
+    release = None
     try:
         if os.path.isdir(path):
             root = _find_root(path, path)
         else:
-            tmp = tempfile.mkdtemp(prefix="nemotron-nemo-")
-            extract_nemo(path, tmp)
-            root = _find_root(tmp, path)
+            top, release = _shared_extraction(path)
+            root = _find_root(top, path)
         config_path = os.path.join(root, CONFIG_FILE)
         cfg = read_config(config_path)
         tokenizer_path = resolve_tokenizer(cfg, root, config_path)
         weights, backend = find_weights(root)
-        return NemoCheckpoint(path, root, cfg, tokenizer_path, weights, backend, tmp is not None, tmp)
+        return NemoCheckpoint(path, root, cfg, tokenizer_path, weights, backend, release is not None, release)
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if release is not None:
+            release()
         raise
 
 
