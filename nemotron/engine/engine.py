@@ -415,16 +415,18 @@ class Engine:
         logits = mask_logits(logits, tok.vocab_size, tok.eos_id,
                              torch.tensor(suppress, device=dev) if any(suppress) else None)
         params = self._row_params(jobs, per_row)
-        if params.penalty is not None:
+        if params.penalty is not None:  # only the rows of jobs that ask for it, each against its own seen tokens
+            at = 0
             for job in jobs:
-                if job.req.repetition_penalty != 1.0 and job.seen is None:  # its prompt tokens count as seen
-                    job.seen = torch.zeros(len(job.rows), self.cfg.padded_vocab_size, dtype=torch.bool, device=dev)
-                    for b, r in enumerate(job.rows):
-                        job.seen[b, torch.tensor(r.tokens, device=dev)] = True
-            seen = torch.cat([job.seen if job.seen is not None else
-                              torch.zeros(len(job.rows), logits.shape[1], dtype=torch.bool, device=dev)
-                              for job in jobs])
-            logits = apply_repetition_penalty(logits, seen, params.penalty)
+                n = len(job.rows)
+                if job.req.repetition_penalty != 1.0:
+                    if job.seen is None:  # its prompt tokens count as seen
+                        job.seen = torch.zeros(n, self.cfg.padded_vocab_size, dtype=torch.bool, device=dev)
+                        for b, r in enumerate(job.rows):
+                            job.seen[b, torch.tensor(r.tokens, device=dev)] = True
+                    logits[at:at + n] = apply_repetition_penalty(logits[at:at + n], job.seen,
+                                                                 params.penalty[at:at + n])
+                at += n
         if params.greedy is None:  # every row greedy: what `sample` returns then, without its sync
             new = logits.argmax(dim=-1)
         else:
