@@ -54,6 +54,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from nemotron.checkpoint.nemo import pid_alive
+
 __all__ = [
     "REQUIRED_BINARIES",
     "SlurmCluster",
@@ -186,21 +188,6 @@ def _run(argv: Sequence[str], *, check: bool = True, env: Mapping[str, str] | No
     return p
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -255,7 +242,7 @@ def cleanup_stale() -> list[str]:
             rec = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-        if _pid_alive(int(rec.get("owner_pid", 0))):
+        if pid_alive(int(rec.get("owner_pid", 0))):
             continue
         _force_teardown(rec)
         with contextlib.suppress(OSError):
@@ -269,12 +256,12 @@ def _force_teardown(rec: dict) -> None:
     root = str(rec.get("root", "\0"))
     daemons = [int(p) for p in rec.get("daemon_pids", [])]
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        targets = [p for p in daemons if _pid_alive(p) and root in _cmdline(p)]
+        targets = [p for p in daemons if pid_alive(p) and root in _cmdline(p)]
         for ns in rec.get("netns", []):
             targets += _netns_pids(ns) if sig == signal.SIGKILL else []
         _kill_pids(targets, sig)
         deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and any(_pid_alive(p) for p in targets):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in targets):
             time.sleep(0.05)
     for ns in rec.get("netns", []):
         # Processes may still be exiting; kill stragglers again right before deleting.
@@ -395,7 +382,7 @@ class SlurmCluster:
         n = self._node(node)
         daemon = self._procs.get(f"slurmd-{n.name}")
         skip = {daemon.pid} if daemon else set()
-        return [(p, _cmdline(p)) for p in _netns_pids(n.netns) if p not in skip and _pid_alive(p)]
+        return [(p, _cmdline(p)) for p in _netns_pids(n.netns) if p not in skip and pid_alive(p)]
 
     # ------------------------------------------------------------------ jobs
     def sbatch(self, script: str | os.PathLike, args: Sequence[str] = (),

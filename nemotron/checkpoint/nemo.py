@@ -127,14 +127,19 @@ def _locked(path: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine runs (a zombie, exited but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc: trust kill
 
 
 def _drop_dead_users(users: str) -> None:
@@ -144,7 +149,7 @@ def _drop_dead_users(users: str) -> None:
     for entry in os.listdir(users):
         entry_host, _, rest = entry.rpartition("@")
         pid = rest.split(".")[0]
-        if entry_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+        if entry_host == host and pid.isdigit() and not pid_alive(int(pid)):
             os.remove(os.path.join(users, entry))
 
 
