@@ -1,7 +1,7 @@
 """One rank of the peer-exchange test with real processes (torchrun, gloo; the kernels in Triton's interpreter).
 
-The exchange's buffers are shared-memory files that every rank maps, so each rank's address table points into
-the others' buffers, as symmetric memory's does across GPUs. Then the fused decode step (`DecodeGraphs`,
+The exchange's buffers are files that every rank maps shared, so each rank's address table points into the others'
+buffers, as symmetric memory's does across GPUs. Then the fused decode step (`DecodeGraphs`,
 uncaptured) runs with its TP sums through the exchange and, on a second cache, with them through gloo's
 all-reduce; both against `forward_logits`.
 
@@ -32,7 +32,7 @@ ROWS, SLOT = 3, 4 * 1024
 
 
 def shared_exchange(ps, prefix: str) -> PeerExchange:
-    """A PeerExchange over files in /dev/shm: every rank of the TP group maps every rank's file."""
+    """A PeerExchange over files: every rank of the TP group maps every rank's file (MAP_SHARED)."""
     world, rank = ps.tp_size, ps.tp_rank
     data_bytes, total = PeerExchange.layout(world, SLOT)
     paths = [f"{prefix}.tp{r}" for r in range(world)]
@@ -81,7 +81,10 @@ def main():
     cfg = tiny_config()
     model = NemotronModel(cfg, ps).eval()
     fill_from_full_state(model, tiny_reference_state())
-    xch = shared_exchange(ps, f"/dev/shm/{os.path.basename(out)}.pp{ps.pp_rank}")
+    # Files every rank maps MAP_SHARED: in /dev/shm where there is one (a file system's mapping works too, slower).
+    where = "/dev/shm" if os.access("/dev/shm", os.W_OK) else os.path.dirname(out)
+    prefix = os.path.join(where, f"{os.path.basename(out)}.pp{ps.pp_rank}")
+    xch = shared_exchange(ps, prefix)
     peer_allreduce._exchanges[ps.tp_group.group_name] = xch  # what enable_peer_all_reduce does on GPUs
     graphs = DecodeGraphs(model, capture=False)
     worst_xch, logits_xch = decode(model, cfg, graphs, torch.Generator().manual_seed(0))
@@ -96,7 +99,7 @@ def main():
     with open(f"{out}.rank{ps.rank}.json", "w") as f:
         json.dump(result, f)
     dist.barrier()
-    os.remove(f"/dev/shm/{os.path.basename(out)}.pp{ps.pp_rank}.tp{ps.tp_rank}")
+    os.remove(f"{prefix}.tp{ps.tp_rank}")
     runtime.close()
 
 

@@ -1,5 +1,5 @@
 """The peer exchange across real processes: TP ranks (torchrun, gloo) whose fused decode step pushes its row-parallel
-parts into each other's shared-memory buffers and waits for each other's flags, with the kernels in Triton's
+parts into each other's shared (memory-mapped) buffers and waits for each other's flags, with the kernels in Triton's
 interpreter. Its logits must equal `forward_logits` and the step with the TP sums all-reduced through gloo.
 The GPU path (symmetric memory over NVLink) is the same code; the TP benchmark checks it on H100s."""
 import glob
