@@ -102,8 +102,8 @@ if triton is not None:
     def _wait_parts(DFLAGS, DEPOCH, d_call, DTP: tl.constexpr, DTP2: tl.constexpr):
         """Spin until every rank's flag for this sum arrived (volatile loads, then an acquire of the flags so the
         parts read afterwards are the ones written before them). After ~2^26 polls (tens of seconds: a peer is
-        gone) it gives up rather than hang the GPU, and the step computes garbage: the host's collectives time
-        out on the dead peer and abort."""
+        gone) it gives up rather than hang the GPU, and the step computes garbage; the runtime's heartbeats
+        (nemotron.parallel.runtime) stop every rank when a peer dies."""
         value = _flag_value(DEPOCH, d_call)
         src = tl.arange(0, DTP2)
         live = src < DTP
