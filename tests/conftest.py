@@ -82,6 +82,18 @@ def tiny_reference_state():
     return load_file(os.path.join(FIXTURES, "tiny_reference.safetensors"))
 
 
+def tiny_model_on_ranks(tp: int, pp: int):
+    """A torchrun worker's start on CPU: (runtime with gloo groups, this rank's shard of the tiny model filled with
+    the reference weights, in eval mode)."""
+    from nemotron.checkpoint.shards import fill_from_full_state
+    from nemotron.model import NemotronModel
+    from nemotron.parallel.runtime import init_runtime
+    runtime = init_runtime(tp, pp, devices=tp * pp, num_nodes=1, cpu=True)
+    model = NemotronModel(tiny_config(), runtime.ps).eval()
+    fill_from_full_state(model, tiny_reference_state())
+    return runtime, model
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     return tiny_config()

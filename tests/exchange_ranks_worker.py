@@ -19,14 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from conftest import tiny_config, tiny_reference_state  # noqa: E402
-from nemotron.checkpoint.shards import fill_from_full_state  # noqa: E402
+from conftest import tiny_model_on_ranks  # noqa: E402
 from nemotron.engine.forward import forward_logits  # noqa: E402
 from nemotron.engine.graphs import DecodeGraphs  # noqa: E402
-from nemotron.model import Batch, NemotronModel  # noqa: E402
+from nemotron.model import Batch  # noqa: E402
 from nemotron.parallel import peer_allreduce  # noqa: E402
 from nemotron.parallel.peer_allreduce import PeerExchange, without_exchange  # noqa: E402
-from nemotron.parallel.runtime import init_runtime  # noqa: E402
 
 ROWS, SLOT = 3, 4 * 1024
 
@@ -76,11 +74,8 @@ def decode(model, cfg, graphs, g):
 
 def main():
     tp, pp, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    runtime = init_runtime(tp, pp, devices=tp * pp, num_nodes=1, cpu=True)
-    ps = runtime.ps
-    cfg = tiny_config()
-    model = NemotronModel(cfg, ps).eval()
-    fill_from_full_state(model, tiny_reference_state())
+    runtime, model = tiny_model_on_ranks(tp, pp)
+    ps, cfg = runtime.ps, model.cfg
     # Files every rank maps MAP_SHARED: in /dev/shm where there is one (a file system's mapping works too, slower).
     where = "/dev/shm" if os.access("/dev/shm", os.W_OK) else os.path.dirname(out)
     prefix = os.path.join(where, f"{os.path.basename(out)}.pp{ps.pp_rank}")

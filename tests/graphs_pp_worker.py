@@ -18,14 +18,12 @@ import torch
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import FIXTURES, tiny_config, tiny_reference_state  # noqa: E402
-from nemotron.checkpoint.shards import fill_from_full_state  # noqa: E402
+from conftest import FIXTURES, tiny_model_on_ranks  # noqa: E402
 from nemotron.engine.engine import Engine  # noqa: E402
 from nemotron.engine.forward import forward_logits  # noqa: E402
 from nemotron.engine.graphs import DecodeGraphs  # noqa: E402
 from nemotron.engine.request import parse_request  # noqa: E402
-from nemotron.model import Batch, NemotronModel  # noqa: E402
-from nemotron.parallel.runtime import init_runtime  # noqa: E402
+from nemotron.model import Batch  # noqa: E402
 from nemotron.tokenizer import Tokenizer  # noqa: E402
 
 ROWS = 3  # runs in bucket 4: one padding row
@@ -98,11 +96,8 @@ def check_engine(model, tok):
 
 def main():
     tp, pp, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    runtime = init_runtime(tp, pp, devices=tp * pp, num_nodes=1, cpu=True)
-    ps = runtime.ps
-    cfg = tiny_config()
-    model = NemotronModel(cfg, ps).eval()
-    fill_from_full_state(model, tiny_reference_state())
+    runtime, model = tiny_model_on_ranks(tp, pp)
+    ps, cfg = runtime.ps, model.cfg
     tok = Tokenizer(os.path.join(FIXTURES, "tiny_tokenizer.model"))
     result = {"rank": ps.rank, "pp_rank": ps.pp_rank, "last_stage": ps.is_last_stage,
               "steps": check_steps(model, cfg), "engine": check_engine(model, tok)}

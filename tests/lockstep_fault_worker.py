@@ -9,13 +9,10 @@ import warnings
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import FIXTURES, tiny_config, tiny_reference_state  # noqa: E402
-from nemotron.checkpoint.shards import fill_from_full_state  # noqa: E402
+from conftest import FIXTURES, tiny_model_on_ranks  # noqa: E402
 from nemotron.engine.engine import Engine  # noqa: E402
 from nemotron.engine.lockstep import Coordinator, GenerationError, follow  # noqa: E402
 from nemotron.engine.request import parse_request  # noqa: E402
-from nemotron.model import NemotronModel  # noqa: E402
-from nemotron.parallel.runtime import init_runtime  # noqa: E402
 from nemotron.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -28,9 +25,7 @@ class FaultyEngine(Engine):
 
 def main():
     out = sys.argv[1]
-    runtime = init_runtime(2, 1, devices=2, num_nodes=1, cpu=True)
-    model = NemotronModel(tiny_config(), runtime.ps).eval()
-    fill_from_full_state(model, tiny_reference_state())
+    runtime, model = tiny_model_on_ranks(2, 1)
     engine = FaultyEngine(model, Tokenizer(os.path.join(FIXTURES, "tiny_tokenizer.model")))
     if runtime.ps.rank != 0:
         follow(engine, runtime.control)
