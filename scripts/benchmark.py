@@ -508,6 +508,8 @@ def decode_bench(ctx: Ctx, model, stepper, hf, batches, prompt_len, steps, varia
             put("engine_ms", engine_ms, ctx, model, stepper, prompts, steps)
         if "served" in variants:
             put("served_ms", served_ms, ctx, model, prompts, steps)
+            if ctx.cuda:  # the same without overlap (the host's work between steps), same run
+                put("served_sync_ms", served_ms, ctx, model, prompts, steps, False)
         if hf is not None and ctx.left() > 60:
             hs = 64 if b == 1 else 32
 
@@ -517,7 +519,7 @@ def decode_bench(ctx: Ctx, model, stepper, hf, batches, prompt_len, steps, varia
                 return (tn - t1) / (hs - 1)
             put("hf_ms", hf_ms)
             row["hf_steps"] = hs
-        for k in ("graph", "eager", "fused_no_graph", "engine", "served", "hf"):
+        for k in ("graph", "eager", "fused_no_graph", "engine", "served", "served_sync", "hf"):
             if k + "_ms" in row:
                 row[k + "_tok_s"] = b / row[k + "_ms"] * 1e3
                 if "roofline_ms" in row:
@@ -531,7 +533,8 @@ def decode_bench(ctx: Ctx, model, stepper, hf, batches, prompt_len, steps, varia
 
 @torch.inference_mode()
 def engine_ms(ctx: Ctx, model, stepper, prompts, steps) -> float:
-    """Engine.generate end to end (prefill, sampling, stop checks, host bookkeeping): (t(N) - t(1)) / (N - 1)."""
+    """Engine.generate end to end (prefill, sampling, stop checks, host bookkeeping; overlap as by default):
+    (t(N) - t(1)) / (N - 1)."""
     from nemotron.engine.engine import Engine
     from nemotron.engine.request import parse_request
     b = prompts.shape[0]
@@ -552,15 +555,16 @@ _control_group = None
 
 
 @torch.inference_mode()
-def served_ms(ctx: Ctx, model, prompts, steps) -> Optional[float]:
+def served_ms(ctx: Ctx, model, prompts, steps, overlap: Optional[bool] = None) -> Optional[float]:
     """What the server runs: requests through rank 0's `Coordinator` (its engine loop thread, a header exchange per
-    iteration) with the other ranks in `follow`; (t(N) - t(1)) / (N - 1) on rank 0, None elsewhere."""
+    iteration) with the other ranks in `follow`; (t(N) - t(1)) / (N - 1) on rank 0, None elsewhere. overlap: the
+    engine's (None: its default, on for CUDA)."""
     global _control_group
     from nemotron.engine.engine import Engine
     from nemotron.engine.lockstep import Coordinator, follow
     from nemotron.engine.request import parse_request
     b = prompts.shape[0]
-    eng = Engine(model, BenchTokenizer(model.cfg.padded_vocab_size), max_slots=max(128, b))
+    eng = Engine(model, BenchTokenizer(model.cfg.padded_vocab_size), max_slots=max(128, b), overlap=overlap)
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     if distributed and _control_group is None:
         _control_group = dist.new_group(backend="gloo")  # as init_runtime's control group
@@ -580,7 +584,8 @@ def served_ms(ctx: Ctx, model, prompts, steps) -> Optional[float]:
             coord.control.busy_exchanges, coord.control.busy_seconds = 0, 0.0
         tn = wall_ms(ctx, lambda: coord.generate(req(steps)))
         if coord.control is not None and coord.control.busy_exchanges:
-            ctx.result.setdefault("served_header_ms", {})[str(prompts.shape[0])] = \
+            ctx.result.setdefault("served_header_ms" + ("_sync" if overlap is False else ""),
+                                  {})[str(prompts.shape[0])] = \
                 1e3 * coord.control.busy_seconds / coord.control.busy_exchanges
     finally:
         coord.shutdown()
@@ -1041,14 +1046,16 @@ def table(ctx: Ctx):
     if "roofline" in r and r["roofline"].get("copy_GBps"):
         print(f"copy {r['roofline']['copy_GBps']:.0f} GB/s  matmul {r['roofline']['matmul_TFLOPs']:.0f} TFLOP/s")
     if r.get("decode"):
-        print(f"{'batch':>5} {'roof ms':>8} {'graph ms':>9} {'%roof':>6} {'engine ms':>9} {'eager ms':>9} "
+        print(f"{'batch':>5} {'roof ms':>8} {'graph ms':>9} {'%roof':>6} {'engine ms':>9} {'served':>7} "
+              f"{'sync':>7} {'eager ms':>9} "
               f"{'fused-ng':>8} {'HF ms':>8} {'graph tok/s':>11} {'HF tok/s':>9} {'x HF':>6}")
         for row in r["decode"]:
             def f(k, fmt="{:.2f}"):
                 return fmt.format(row[k]) if k in row else "-"
             ratio = f"{row['graph_tok_s'] / row['hf_tok_s']:.1f}" if "hf_tok_s" in row and "graph_tok_s" in row else "-"
             print(f"{row['batch']:>5} {f('roofline_ms'):>8} {f('graph_ms'):>9} {f('graph_pct_roofline', '{:.0f}'):>6} "
-                  f"{f('engine_ms'):>9} {f('eager_ms'):>9} {f('fused_no_graph_ms'):>8} {f('hf_ms'):>8} "
+                  f"{f('engine_ms'):>9} {f('served_ms'):>7} {f('served_sync_ms'):>7} {f('eager_ms'):>9} "
+                  f"{f('fused_no_graph_ms'):>8} {f('hf_ms'):>8} "
                   f"{f('graph_tok_s', '{:.0f}'):>11} {f('hf_tok_s', '{:.0f}'):>9} {ratio:>6}")
     if "prefill" in r:
         p = r["prefill"]

@@ -68,10 +68,10 @@ def check_steps(model, cfg):
 
 
 def check_engine(model, tok):
-    """The same requests through the eager engine and through the graph protocol (uncaptured), one at a time and
-    both in flight together."""
+    """The same requests through the eager engine and through the graph protocol (uncaptured, with overlap), one at
+    a time and both in flight together."""
     eager = Engine(model, tok)
-    graph = Engine(model, tok)
+    graph = Engine(model, tok, overlap=True)  # decode inputs straight from the last iteration's device tokens
     graph.graphs = DecodeGraphs(model, capture=False)
     assert eager.graphs is None  # CPU: the engine itself never builds graphs
     requests = [

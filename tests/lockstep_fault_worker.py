@@ -26,7 +26,7 @@ class FaultyEngine(Engine):
 def main():
     out = sys.argv[1]
     runtime, model = tiny_model_on_ranks(2, 1)
-    engine = FaultyEngine(model, Tokenizer(os.path.join(FIXTURES, "tiny_tokenizer.model")))
+    engine = FaultyEngine(model, Tokenizer(os.path.join(FIXTURES, "tiny_tokenizer.model")), overlap=True)
     if runtime.ps.rank != 0:
         follow(engine, runtime.control)
         runtime.close()

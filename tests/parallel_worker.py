@@ -1,5 +1,7 @@
 """One rank of a multi-process test (run under torchrun): loads the tiny model sharded TP x PP, then
-computes logits, a greedy completion and a seeded sample; rank 0 writes them to OUT as JSON.
+computes logits, a greedy completion, a seeded sample and a completion cut by an end string; rank 0 writes them to
+OUT as JSON. Layouts of several ranks serve with overlap (each iteration's tokens retired in the next), TP1
+without: equal answers check both.
 
 usage: torchrun --nproc-per-node N tests/parallel_worker.py TP PP SOURCE OUT
 SOURCE: "reference" (full weights sliced per rank) or a NeMo checkpoint directory (megatron-core resharding).
@@ -36,7 +38,7 @@ def main():
     else:
         torch_dist.load(model, os.path.join(source, "model_weights"))
     tok = Tokenizer(os.path.join(FIXTURES, "tiny_tokenizer.model"))
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, overlap=tp * pp > 1)
 
     ids = torch.tensor([tok.text_to_ids("def main(argv):\n    return 0")])
     pos = torch.arange(ids.shape[1]).view(1, -1)
@@ -54,10 +56,12 @@ def main():
     sampled = coord.generate(parse_request({"sentences": ["def f(x):"], "tokens_to_generate": 12,
                                             "random_seed": 1234, "temperature": 1.0, "top_p": 0.95,
                                             "compute_logprob": True}))
+    stopped = coord.generate(parse_request({"sentences": ["x = 1", "import os"], "greedy": True,
+                                            "tokens_to_generate": 8, "end_strings": [";"]}))
     coord.shutdown()
     with open(out, "w") as f:
         json.dump({"greedy": greedy["token_ids"], "sampled": sampled["token_ids"],
-                   "sampled_logprob": sampled["logprob"]}, f)
+                   "sampled_logprob": sampled["logprob"], "stopped": stopped["token_ids"]}, f)
     runtime.close()
 
 

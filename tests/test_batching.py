@@ -47,9 +47,9 @@ def assert_same(got, want):
             torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture()
-def engine(tiny_model, tiny_tokenizer):
-    return Engine(tiny_model, tiny_tokenizer, prefill_chunk=16)
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def engine(request, tiny_model, tiny_tokenizer):
+    return Engine(tiny_model, tiny_tokenizer, prefill_chunk=16, overlap=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +77,24 @@ def test_chunked_prefill_equals_whole_prefill(tiny_model, tiny_tokenizer, alone)
         assert_same(engine.generate(parse_request(MIXED[4])), alone[4])  # all_probs
 
 
-def test_running_rows_keep_decoding_while_a_long_prompt_prefills(tiny_model, tiny_tokenizer):
-    engine = Engine(tiny_model, tiny_tokenizer, prefill_chunk=8)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_running_rows_keep_decoding_while_a_long_prompt_prefills(tiny_model, tiny_tokenizer, overlap):
+    engine = Engine(tiny_model, tiny_tokenizer, prefill_chunk=8, overlap=overlap)
     short = parse_request({"sentences": ["x"], "greedy": True, "tokens_to_generate": 60,
                            "min_tokens_to_generate": 60})
     running = engine.submit(short, engine.tokenize(short))
     engine.step()
-    assert running.started and running.steps == 1
+    assert running.started and running.sampled == 1
     long_req = parse_request({"sentences": [LONG * 2], "greedy": True, "tokens_to_generate": 2})
     prompt_len = len(engine.tokenize(long_req)[0])
     assert prompt_len > 40
     joining = engine.submit(long_req, engine.tokenize(long_req))
     iterations = 0
     while not joining.started:
-        before = running.steps
+        before = running.sampled
         engine.step()
         iterations += 1
-        assert running.steps == before + 1  # one token per iteration: the prompt never stalls the running row
+        assert running.sampled == before + 1  # one token per iteration: the prompt never stalls the running row
         assert joining.rows[0].prefilled <= 8 * iterations
     assert iterations == -(-prompt_len // 8)  # a chunk per iteration
     while not (running.finished and joining.finished):
@@ -198,3 +199,39 @@ def test_abort_drops_every_job_and_frees_their_slots(engine):
     dropped = engine.abort()
     assert dropped == jobs and not engine.busy
     assert engine.free_slots == list(range(engine.cache.num_slots - 1))
+
+
+def test_overlap_retires_each_iteration_in_the_next_one(tiny_model, tiny_tokenizer):
+    """Under overlap the host sees an iteration's tokens one iteration later: the next decode was launched from the
+    tokens still on the device. Same answer, one more iteration; a row that stops on a token costs one wasted
+    row-step and its job ends an iteration later, with the same tokens (EOS fill applied by the host)."""
+    want_job = parse_request({"sentences": ["def f(x):"], "greedy": True, "tokens_to_generate": 5,
+                              "min_tokens_to_generate": 5})
+    want = Engine(tiny_model, tiny_tokenizer, overlap=False).generate(want_job)["token_ids"][0]
+    engine = Engine(tiny_model, tiny_tokenizer, overlap=True)
+    job = engine.submit(want_job, engine.tokenize(want_job))
+    prompt_len = len(job.prompts[0])
+    engine.step()  # prefill, first token sampled, not yet seen by the host
+    assert (job.sampled, job.steps, job.rows[0].tokens) == (1, 0, want[:prompt_len])
+    engine.step()  # the second token's decode launched from the device's first token, then the first retired
+    assert (job.sampled, job.steps, job.rows[0].tokens) == (2, 1, want[:prompt_len + 1])
+    iterations = 2
+    while not job.finished:
+        engine.step()
+        iterations += 1
+    assert iterations == 6 and job.sampled == 5  # the length limit is known at launch: no sixth token
+    assert job.response["token_ids"][0] == want
+
+    # Stop on a token: the second row stops early and is EOS-filled while the first row runs on.
+    prompts, stop = ["x = 1", "import os"], ";"
+    stop_id = tiny_tokenizer.single_piece_id(stop)
+    sync = Engine(tiny_model, tiny_tokenizer, overlap=False)
+    free = sync.generate(parse_request({"sentences": prompts, "greedy": True, "tokens_to_generate": 8,
+                                        "end_strings": []}))["token_ids"]
+    gen = [row[len(row) - 8:] for row in free]
+    at = gen[1].index(stop_id)  # the premise, from the fixture model: row 2 makes ";" early, row 1 never does
+    assert at < 6 and stop_id not in gen[0]
+    req = parse_request({"sentences": prompts, "greedy": True, "tokens_to_generate": 8, "end_strings": [stop]})
+    want = sync.generate(req)["token_ids"]
+    assert want[0] == free[0] and want[1][len(want[1]) - 8:] == gen[1][:at + 1] + [tiny_tokenizer.eos_id] * (7 - at)
+    assert engine.generate(req)["token_ids"] == want

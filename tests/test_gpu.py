@@ -80,6 +80,43 @@ def test_seeded_sampling_reproduces_on_gpu(engines):
     assert graph.generate(req)["token_ids"] == graph.generate(req)["token_ids"]
 
 
+def test_overlap_answers_as_sync_and_never_waits_for_the_gpu(engines):
+    """Overlap (the default on CUDA) gives the same answers as retiring each iteration at once, for every kind of
+    request; and a steady-state iteration queues its work without one host-device synchronisation (the iteration's
+    one wait is on an event, for the previous iteration's tokens)."""
+    from nemotron.engine.engine import Engine
+    from nemotron.engine.request import parse_request
+    graph, _ = engines
+    assert graph.overlap
+    sync = Engine(graph.model, graph.tokenizer, overlap=False)
+    payloads = [
+        {"sentences": PROMPTS[:3], "greedy": True, "tokens_to_generate": 24, "end_strings": ["\n"]},
+        {"sentences": PROMPTS[3:5], "tokens_to_generate": 20, "random_seed": 7, "temperature": 0.9, "top_k": 40,
+         "repetition_penalty": 1.2, "min_tokens_to_generate": 4},
+        {"sentences": PROMPTS[5:6], "greedy": True, "tokens_to_generate": 12, "compute_logprob": True},
+    ]
+    for p in payloads:
+        got, want = graph.generate(parse_request(p)), sync.generate(parse_request(p))
+        assert got["token_ids"] == want["token_ids"]
+        if p.get("compute_logprob"):
+            torch.testing.assert_close(torch.tensor(got["logprob"]), torch.tensor(want["logprob"]))
+    req = parse_request({"sentences": PROMPTS[:2], "greedy": True, "tokens_to_generate": 40,
+                         "min_tokens_to_generate": 40})
+    job = graph.submit(req, graph.tokenize(req))
+    for _ in range(4):  # prefill, graphs of this bucket captured, overlap under way
+        graph.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        for _ in range(8):
+            graph.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    while not job.finished:
+        graph.step()
+    assert job.response["token_ids"] == greedy(sync, PROMPTS[:2], 40)
+
+
 def test_server_on_gpu_answers_the_card_request():
     import requests
     with socket.socket() as s:

@@ -34,6 +34,7 @@ def test_layout_matches_tp1(tmp_path, baseline, tp, pp):
     assert rel <= 1e-5, f"logits differ from TP1 by {rel:.2e}"
     assert got["greedy"] == baseline["greedy"]
     assert got["sampled"] == baseline["sampled"]
+    assert got["stopped"] == baseline["stopped"] and got["stopped"][1][-3:] == [3] * 3  # EOS fill (EOS: id 3)
     torch.testing.assert_close(torch.tensor(got["sampled_logprob"]), torch.tensor(baseline["sampled_logprob"]),
                                atol=1e-5, rtol=1e-5)
 

@@ -8,9 +8,18 @@ A request is a `Job`; each of its rows (sentences) owns a cache slot from admiss
    same offset with the same chunk length share it). A long prompt is spread over several iterations, so the rows
    of other requests keep decoding meanwhile instead of stalling behind it (chunked prefill);
 3. decode: every row of every started job is fed its newest token, in one forward (a CUDA graph on GPU);
-4. sample: those rows, and the rows of jobs whose prompts just finished prefilling, get one new token each.
-   A job's rows advance together as in NeMo: a finished row is fed EOS ("EOS fill") until all its rows are done or
-   `tokens_to_generate` tokens were generated; then the job ends and frees its slots.
+4. sample: those rows, and the rows of jobs whose prompts just finished prefilling, get one new token each, on the
+   device;
+5. retire: the host reads the tokens, applies the stop rules and ends jobs. A job's rows advance together as in
+   NeMo: a finished row is fed EOS ("EOS fill") until all its rows are done or `tokens_to_generate` tokens were
+   generated; then the job ends and frees its slots.
+
+Overlap (on CUDA by default): an iteration's tokens are retired in the *next* iteration, after that iteration's
+decode was launched from the tokens still on the device, so the host's work (the stop rules, responses, the next
+launch) runs while the GPU computes instead of between its steps. The responses are the same as without overlap:
+the host applies EOS fill itself when it retires a token, and the length limit is known at launch. A job that stops
+on a token costs one wasted row-step, computed before the host saw the stop. Iterations that sample a job with
+`compute_logprob` run without overlap (its log-probs need the host's view of finished rows at sampling time).
 
 Each row is prefilled at its own length (NeMo started every row at the shortest prompt and teacher-forced the
 rest). Sampling parameters are per row, so jobs with different settings share a batch; a job with `random_seed`
@@ -32,7 +41,7 @@ from typing import Deque, List, Optional
 import torch
 import torch.distributed as dist
 
-from nemotron.engine.forward import broadcast_from, forward_logits
+from nemotron.engine.forward import broadcast_from, forward_logits, to_device
 from nemotron.engine.request import GenerationRequest, RequestError
 from nemotron.engine.sampling import apply_repetition_penalty, mask_logits, sample
 from nemotron.model import Batch, KVCache, NemotronModel
@@ -80,6 +89,7 @@ class Row:
     tokens: List[int]
     prompt_len: int
     prefilled: int = 0     # prompt tokens already in the cache
+    length: int = 0        # tokens so far, those sampled but not yet retired included (next position + 1)
     done: bool = False
     logprobs: List[float] = field(default_factory=list)            # sampler rank: log p(token t+1 | ..t)
     full_logprobs: List[torch.Tensor] = field(default_factory=list)  # sampler rank: [n, V] blocks (all_probs)
@@ -93,7 +103,8 @@ class Job:
     prompts: List[List[int]]
     stop: StopRule
     rows: List[Row] = field(default_factory=list)  # set at admission
-    steps: int = 0                                 # tokens generated per row so far
+    steps: int = 0                                 # tokens generated (retired) per row so far
+    sampled: int = 0                               # tokens sampled per row so far, retired or not
     started: bool = False                          # its first token was sampled: its rows decode
     finished: bool = False
     response: Optional[dict] = None
@@ -113,6 +124,15 @@ class Job:
 
 
 @dataclass
+class _Sampled:
+    """An iteration's new tokens, one per row of `jobs` (in order), on their way to the host."""
+    jobs: List[Job]
+    tokens: torch.Tensor                   # [R] int64 on the device, every rank: the next decode's inputs
+    host: torch.Tensor                     # [R] int64 on the host (pinned on CUDA: filled asynchronously)
+    copied: Optional[torch.cuda.Event]     # recorded after the copy to `host`; None: `host` is already filled
+
+
+@dataclass
 class _RowParams:
     """Per-row sampling tensors [R] for one ordered set of jobs (`key`: their ids); None where every row is off."""
     key: tuple
@@ -125,12 +145,14 @@ class _RowParams:
 
 class Engine:
     def __init__(self, model: NemotronModel, tokenizer: Tokenizer, max_slots: int = 128,
-                 cuda_graphs: Optional[bool] = None, prefill_chunk: int = 512):
+                 cuda_graphs: Optional[bool] = None, prefill_chunk: int = 512, overlap: Optional[bool] = None):
         """max_slots: the most rows in flight (all jobs together), so also the most sentences of one request.
         prefill_chunk: prompt tokens per iteration (0: whole prompts). cuda_graphs: decode through captured CUDA
         graphs (nemotron.engine.graphs; one per stage under pipeline parallelism). None means on when the model is
-        on CUDA, unless NEMOTRON_CUDA_GRAPHS=0; elsewhere decode is eager. Every rank must use the same settings:
-        they decide the iterations, which all ranks run in lockstep."""
+        on CUDA, unless NEMOTRON_CUDA_GRAPHS=0; elsewhere decode is eager. overlap: retire each iteration's tokens
+        in the next one (see the module's docstring); None means on when the model is on CUDA, unless
+        NEMOTRON_OVERLAP=0 (on CPU there is nothing to overlap, but it can be asked for). Every rank must use the
+        same settings: they decide the iterations, which all ranks run in lockstep."""
         if max_slots < 1 or prefill_chunk < 0:
             raise ValueError(f"max_slots must be >= 1 and prefill_chunk >= 0 (got {max_slots}, {prefill_chunk})")
         self.model, self.tokenizer, self.ps = model, tokenizer, model.ps
@@ -144,8 +166,13 @@ class Engine:
         self._ids = itertools.count()
         self._no_room: Optional[tuple] = None  # (job id, running job ids) of a failed cache growth
         self._params: Optional[_RowParams] = None  # the sampler's per-row settings for the last set of jobs
+        self._pending: Optional[_Sampled] = None    # the last iteration's tokens, not yet retired (overlap)
         self._sampler = self.ps.rank == self.ps.last_stage_leader
         self._distributed = dist.is_initialized() and dist.get_world_size() > 1
+        env_overlap = os.environ.get("NEMOTRON_OVERLAP", "1")
+        if env_overlap not in ("0", "1"):
+            raise ValueError(f"NEMOTRON_OVERLAP={env_overlap!r}: expected 0 or 1")
+        self.overlap = overlap if overlap is not None else (self.device.type == "cuda" and env_overlap == "1")
         self.graphs = None
         want = cuda_graphs if cuda_graphs is not None else os.environ.get("NEMOTRON_CUDA_GRAPHS", "1") != "0"
         if want and self.device.type == "cuda":
@@ -190,6 +217,7 @@ class Engine:
     def abort(self) -> List[Job]:
         """Drop every queued and running job (after a failure on some rank); returns them."""
         dropped = list(self.active) + list(self.queue)
+        self._pending = None
         for job in self.active:
             self.free_slots.extend(r.slot for r in job.rows)
         self.free_slots.sort()
@@ -212,14 +240,24 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> List[Job]:
-        """Admit, prefill one chunk, decode one token for every started row, sample; returns the jobs that ended."""
+        """Admit, prefill one chunk, decode one token for every started row, sample, retire; returns the jobs that
+        ended (under overlap, those whose last tokens were sampled in the previous iteration)."""
         ended = self._admit()
+        sync = not self.overlap or any(job.req.compute_logprob for job in self.active)
+        if sync and self._pending is not None:  # this iteration's sampling needs the host's view first
+            ended += self._retire()
         self._prefill()
-        decoding = [job for job in self.active if job.started]
+        # A job whose last token is sampled but not retired does not decode again (its length is known at launch).
+        decoding = [job for job in self.active if job.started and job.sampled < job.req.tokens_to_generate]
         logits = self._decode(decoding) if decoding else None
         ready = [job for job in self.active if not job.started and job.prefilled]
         if decoding or ready:
-            ended += self._sample(decoding + ready, logits)
+            sampled = self._sample(decoding + ready, logits)
+            if self._pending is not None:  # the previous iteration's, while this one's step runs on the device
+                ended += self._retire()
+            self._pending = sampled
+        if self._pending is not None and (sync or not (decoding or ready)):
+            ended += self._retire()
         return ended
 
     # --- admission and the cache -----------------------------------------------------------------------------
@@ -249,7 +287,8 @@ class Engine:
                 refused.append(job)
                 continue
             self.queue.popleft()
-            job.rows = [Row(b, self.free_slots.pop(0), list(p), len(p)) for b, p in enumerate(job.prompts)]
+            job.rows = [Row(b, self.free_slots.pop(0), list(p), len(p), length=len(p))
+                        for b, p in enumerate(job.prompts)]
             if self._sampler:
                 job.first_logits = torch.empty(rows, self.cfg.padded_vocab_size, device=self.device)
                 if job.req.random_seed is not None:
@@ -320,9 +359,9 @@ class Engine:
                  if r.prefilled == start and chunk(r) == T and j.req.compute_logprob == want_all]
         group = group[:max(1, budget // T)]
         n, dev = len(group), self.device
-        tokens = torch.tensor([r.tokens[start:start + T] for _, r in group], device=dev)
+        tokens = to_device([r.tokens[start:start + T] for _, r in group], dev)
         positions = torch.arange(start, start + T, device=dev).expand(n, T)
-        slots = torch.tensor([r.slot for _, r in group], device=dev)
+        slots = to_device([r.slot for _, r in group], dev)
         batch = Batch(positions, slots, kv_len=start + T, from_start=start == 0, aligned=True)
         logits = forward_logits(self.model, tokens, batch, self.cache, positions="all" if want_all else "last")
         for i, (job, row) in enumerate(group):
@@ -350,28 +389,36 @@ class Engine:
     # --- decode ----------------------------------------------------------------------------------------------
 
     def _decode(self, jobs: List[Job]) -> Optional[torch.Tensor]:
-        """Feed every row of `jobs` its newest token at its own position -> logits [rows, V] on the sampler."""
+        """Feed every row of `jobs` its newest token at its own position -> logits [rows, V] on the sampler. The
+        newest tokens are the pending ones, still on the device, when the last iteration was not retired yet."""
         rows = [r for job in jobs for r in job.rows]
         R, dev = len(rows), self.device
-        tokens = torch.tensor([r.tokens[-1] for r in rows], device=dev)
-        pos_list = [len(r.tokens) - 1 for r in rows]
+        pending = self._pending
+        if pending is None:
+            tokens = to_device([r.tokens[-1] for r in rows], dev)
+        else:  # every decoding row was sampled in the last iteration
+            at = {id(r): i for i, r in enumerate(r for job in pending.jobs for r in job.rows)}
+            index = [at[id(r)] for r in rows]
+            tokens = (pending.tokens[:R] if index == list(range(R))
+                      else pending.tokens[to_device(index, dev)])
+        pos_list = [r.length - 1 for r in rows]
         slot_list = [r.slot for r in rows]
         kv_len = max(pos_list) + 1
         # The same branch on every rank (same rows, same graphs setting); under PP the graph path passes hidden
         # states between stages like forward_logits and returns None off the last stage.
         if self.graphs is not None and self.graphs.handles(R):
             return self.graphs.run(tokens, pos_list, kv_len, self.cache, slots=slot_list)
-        batch = Batch(torch.tensor(pos_list, device=dev).view(R, 1), torch.tensor(slot_list, device=dev),
+        batch = Batch(to_device(pos_list, dev).view(R, 1), to_device(slot_list, dev),
                       kv_len=kv_len, from_start=False)
         return forward_logits(self.model, tokens.view(R, 1), batch, self.cache, positions="last")
 
     # --- sampling --------------------------------------------------------------------------------------------
 
-    def _sample(self, jobs: List[Job], decoded: Optional[torch.Tensor]) -> List[Job]:
+    def _sample(self, jobs: List[Job], decoded: Optional[torch.Tensor]) -> _Sampled:
         """One new token for every row of `jobs` (the decoded ones first, whose logits are `decoded`, then jobs
-        whose prefill just completed); returns the jobs that ended."""
+        whose prefill just completed), on the device of every rank; the copy to the host is started, not awaited."""
         rows = [r for job in jobs for r in job.rows]
-        R, dev, tok = len(rows), self.device, self.tokenizer
+        R, dev = len(rows), self.device
         if self._sampler:
             parts = [] if decoded is None else [decoded]
             parts += [job.first_logits for job in jobs if not job.started]
@@ -381,23 +428,48 @@ class Engine:
             if not self._sampler:
                 new = torch.empty(R, dtype=torch.long, device=dev)
             broadcast_from(new, self.ps.last_stage_leader)
-        new_list = new.tolist()  # the iteration's one device-to-host sync
-        ended = []
-        i = 0
+        at = 0
         for job in jobs:
+            n = len(job.rows)
+            if job.seen is not None:  # the sampler's repetition-penalty record, kept on the device
+                job.seen[torch.arange(n, device=dev), new[at:at + n]] = True
             for row in job.rows:
-                # Every rank applies the stop rule itself (same tokens, same tokenizer): no flags to send.
-                t = new_list[i]
+                row.length += 1
+            job.sampled += 1
+            job.started = True
+            job.first_logits = None
+            at += n
+        if dev.type != "cuda":
+            return _Sampled(jobs, new, new, None)
+        host = torch.empty(R, dtype=torch.long, pin_memory=True)
+        host.copy_(new, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return _Sampled(jobs, new, host, copied)
+
+    def _retire(self) -> List[Job]:
+        """The host's part of the pending iteration: its tokens join their rows (the iteration's one device-to-host
+        wait), stop rules apply, jobs end; returns the jobs that ended. Rows of jobs that ended meanwhile (a stop
+        token retired after this iteration was launched) are skipped."""
+        sampled, self._pending = self._pending, None
+        if sampled.copied is not None:
+            sampled.copied.synchronize()
+        new_list = sampled.host.tolist()
+        tok, ended = self.tokenizer, []
+        at = 0
+        for job in sampled.jobs:
+            tokens, at = new_list[at:at + len(job.rows)], at + len(job.rows)
+            if job.finished:
+                continue
+            for row, t in zip(job.rows, tokens):
+                # Every rank applies the stop rule itself (same tokens, same tokenizer): no flags to send. A row
+                # that finished is fed EOS; under overlap it may have finished after this token was sampled.
+                if row.done:
+                    t = tok.eos_id
                 row.done = (row.done or t in job.stop.ids
                             or (bool(job.stop.texts) and job.stop.stops(tok, row.tokens + [t], t)))
                 row.tokens.append(t)
-                i += 1
             job.steps += 1
-            job.started = True
-            job.first_logits = None
-            if job.seen is not None:
-                job.seen[torch.arange(len(job.rows), device=dev), torch.tensor([r.tokens[-1] for r in job.rows],
-                                                                               device=dev)] = True
             if all(r.done for r in job.rows) or job.steps >= job.req.tokens_to_generate:
                 self._end(job)
                 ended.append(job)
@@ -411,9 +483,9 @@ class Engine:
         logprob_jobs = any(job.req.compute_logprob for job in jobs)
         if logprob_jobs:  # NeMo scores tokens with the model's raw distribution
             raw_lp = torch.log_softmax(logits, dim=-1)
-        suppress = [job.steps < job.req.min_tokens_to_generate for job in per_row]
+        suppress = [job.sampled < job.req.min_tokens_to_generate for job in per_row]
         logits = mask_logits(logits, tok.vocab_size, tok.eos_id,
-                             torch.tensor(suppress, device=dev) if any(suppress) else None)
+                             to_device(suppress, dev) if any(suppress) else None)
         params = self._row_params(jobs, per_row)
         if params.penalty is not None:  # only the rows of jobs that ask for it, each against its own seen tokens
             at = 0
@@ -423,7 +495,7 @@ class Engine:
                     if job.seen is None:  # its prompt tokens count as seen
                         job.seen = torch.zeros(n, self.cfg.padded_vocab_size, dtype=torch.bool, device=dev)
                         for b, r in enumerate(job.rows):
-                            job.seen[b, torch.tensor(r.tokens, device=dev)] = True
+                            job.seen[b, to_device(r.tokens, dev)] = True
                     logits[at:at + n] = apply_repetition_penalty(logits[at:at + n], job.seen,
                                                                  params.penalty[at:at + n])
                 at += n
@@ -439,7 +511,7 @@ class Engine:
         new = new.clamp_(max=tok.vocab_size - 1)
         done = [r.done for r in rows]
         if any(done):
-            new = torch.where(torch.tensor(done, device=dev), tok.eos_id, new)
+            new = torch.where(to_device(done, dev), tok.eos_id, new)
         if logprob_jobs:
             picked = raw_lp.gather(1, new.view(-1, 1)).view(-1).tolist()
             for i, (job, row) in enumerate(zip(per_row, rows)):
@@ -457,12 +529,12 @@ class Engine:
         dev = self.device
         p = _RowParams(key)
         if any(job.req.repetition_penalty != 1.0 for job in jobs):
-            p.penalty = torch.tensor([job.req.repetition_penalty for job in per_row], device=dev)
+            p.penalty = to_device([job.req.repetition_penalty for job in per_row], dev)
         if not all(job.req.greedy for job in jobs):
-            p.greedy = torch.tensor([job.req.greedy for job in per_row], device=dev)
-            p.temperature = torch.tensor([float(job.req.temperature) for job in per_row], device=dev)
-            p.top_k = torch.tensor([int(job.req.top_k) for job in per_row], device=dev)
-            p.top_p = torch.tensor([float(job.req.top_p) for job in per_row], device=dev)
+            p.greedy = to_device([job.req.greedy for job in per_row], dev)
+            p.temperature = to_device([float(job.req.temperature) for job in per_row], dev)
+            p.top_k = to_device([int(job.req.top_k) for job in per_row], dev)
+            p.top_p = to_device([float(job.req.top_p) for job in per_row], dev)
         self._params = p
         return p
 

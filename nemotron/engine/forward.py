@@ -1,4 +1,4 @@
-"""One forward pass through the whole (possibly pipelined, tensor-parallel) model, and moving its results.
+"""One forward pass through the whole (possibly pipelined, tensor-parallel) model, and moving its inputs and results.
 
 Every rank calls `forward_logits` with the same token ids. The first stage embeds them, each stage runs its
 layers and sends the hidden states [B, T, h] to the next stage, and the last stage returns full-vocabulary
@@ -6,7 +6,7 @@ logits (gathered over its TP group) for the requested positions. Other stages re
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,3 +41,14 @@ def broadcast_from(tensor: torch.Tensor, src: int) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def to_device(values: Sequence, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """torch.tensor(values) on `device`, queued behind the device's work instead of waiting for it. A plain
+    torch.tensor(values, device=cuda) copies from pageable memory, which synchronises the stream: the host would wait
+    for every step queued before (what the engine's overlap avoids). From pinned memory the copy is queued, and the
+    caching host allocator keeps the pinned block until the copy has run."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

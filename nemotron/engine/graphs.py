@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from nemotron.engine.forward import to_device
 from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, decode_attention, decode_linear,
                                      decode_linear_to_peers, matmul_mode, rope_to_cache, sum_parts)
 from nemotron.model import KVCache, NemotronModel
@@ -292,12 +293,12 @@ class DecodeGraphs:
         if st is None:
             st = self._static[n] = self._new_static(n)
         if not isinstance(positions, torch.Tensor):
-            positions = torch.tensor(positions, dtype=torch.long)
+            positions = to_device(positions, self.device, torch.long)
         # Every stage pads the same way, so padding rows line up with the hidden states they receive.
         st.positions[:B].copy_(positions.view(-1))
         padded = slots + [pad_slot] * (n - B)
         if padded != st.slot_list:  # rows change only when requests join or leave: skip the copy otherwise
-            st.slots.copy_(torch.tensor(padded, dtype=torch.long))
+            st.slots.copy_(to_device(padded, self.device, torch.long))
             st.slot_list = padded
         if B < n:  # padding rows: token 0 at position 0 of the spare slot
             st.positions[B:].zero_()

@@ -8,10 +8,13 @@ next header travels, and every rank adds 1 to `failures` if its own previous ite
 the payload, the jobs rank 0 admits (UTF-8 JSON). Then every rank runs `Engine.step`. So requests join the running
 batch at the next iteration (continuous batching), and every rank sees the same jobs in the same order.
 
-Where the header travels: while jobs run, on the default (NCCL) group through the GPUs, a ~20 us exchange per
-iteration; when the engine falls idle, on the gloo control group, where followers can wait any time (an NCCL wait
-would time out) and rank 0 sends NOOP heartbeats so even gloo's timeout never expires. Each header says where the
-next one travels, so every rank, including one whose last iteration failed, waits on the same group.
+Where the header travels: on the gloo control group, where followers can wait any time (an NCCL wait would time
+out) and rank 0 sends NOOP heartbeats while idle so even gloo's timeout never expires. Under the engine's overlap
+(on CUDA) that is also where it travels while jobs run: a gloo exchange waits for nothing on the GPU, so the header
+and the next launch happen while the previous step computes. Without overlap, a busy engine's headers travel on the
+default (NCCL) group through the GPUs, a ~20 us exchange instead of gloo's, which cost ~1 ms on a 2-core host. Each
+header says where the next one travels, so every rank, including one whose last iteration failed, waits on the
+same group.
 
 When an iteration raised on any rank, every rank learns it from the next header and drops every job; rank 0
 answers their requests with GenerationError, and the ranks stay in step for the next ones.
@@ -47,7 +50,7 @@ class _Control:
     def __init__(self, group: Optional[dist.ProcessGroup], device: torch.device):
         self.group, self.device = group, device
         self.on_device = False  # where the next exchange travels (every rank tracks it from the headers)
-        self.busy_exchanges, self.busy_seconds = 0, 0.0  # exchanges on the device and their time (the benchmark's)
+        self.busy_exchanges, self.busy_seconds = 0, 0.0  # STEP exchanges and their time (the benchmark's)
 
     def exchange(self, kind: int, payload: bytes, failed: bool, next_on_device: bool):
         """Every rank calls this once per iteration; rank 0's kind, payload and next_on_device win (the others pass
@@ -63,7 +66,7 @@ class _Control:
                    else torch.empty(size, dtype=torch.uint8)).to(device)
             dist.broadcast(buf, src=0, group=group)
             payload = bytes(buf.cpu().numpy())
-        if group is None:
+        if kind == STEP:
             self.busy_exchanges += 1
             self.busy_seconds += time.perf_counter() - started
         self.on_device = bool(on_device)
@@ -140,8 +143,10 @@ class Coordinator:
                 if self.control is not None:
                     payload = json.dumps([{"id": i, "request": to_json_dict(t.req), "prompts": t.prompts}
                                           for i, t in admitted]).encode() if admitted else b""
-                    busy_next = kind == STEP  # this iteration runs: the next header comes right after it
-                    _, _, failures = self.control.exchange(kind, payload, error is not None, busy_next)
+                    # This iteration runs, so the next header comes right after it: through the GPUs, unless it
+                    # should not wait for them (overlap).
+                    on_device_next = kind == STEP and not self.engine.overlap
+                    _, _, failures = self.control.exchange(kind, payload, error is not None, on_device_next)
                 if failures:
                     self._fail_running(error, failures)
                 error = None
