@@ -235,3 +235,8 @@ def test_overlap_retires_each_iteration_in_the_next_one(tiny_model, tiny_tokeniz
     want = sync.generate(req)["token_ids"]
     assert want[0] == free[0] and want[1][len(want[1]) - 8:] == gen[1][:at + 1] + [tiny_tokenizer.eos_id] * (7 - at)
     assert engine.generate(req)["token_ids"] == want
+    # Alone, that row's stop ends its job: the iteration launched meanwhile is wasted, and not kept for later.
+    solo = parse_request({"sentences": prompts[1:], "greedy": True, "tokens_to_generate": 8, "end_strings": [stop]})
+    got = engine.generate(solo)["token_ids"]
+    assert got == sync.generate(solo)["token_ids"] and got[0][-1] == stop_id and len(got[0]) < len(want[1])
+    assert engine._pending is None and not engine.busy

@@ -258,6 +258,8 @@ class Engine:
             self._pending = sampled
         if self._pending is not None and (sync or not (decoding or ready)):
             ended += self._retire()
+        if not self.active:  # what is left pending belongs to jobs that ended since: nothing to retire
+            self._pending = None
         return ended
 
     # --- admission and the cache -----------------------------------------------------------------------------
