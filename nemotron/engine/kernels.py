@@ -150,6 +150,26 @@ if triton is not None:
         tl.store(OUT + m * N + cols, _load_delta(D, m * N + cols, live, d_part_stride, DTP), mask=live)
 
     @triton.jit
+    def _add_rounded(x, d, ACT):
+        """x + d in the activation dtype (ACT's), d rounded to it first: eager's add of a cast float32 TP sum."""
+        act = ACT.dtype.element_ty
+        return (x.to(tl.float32) + d.to(act).to(tl.float32)).to(act)
+
+    @triton.jit
+    def _ln_stats(xf, mask, n, eps):
+        """LayerNorm statistics of a float32 row of n live elements -> (mean, xf - mean (0 off the mask), 1/std)."""
+        mean = tl.sum(xf, axis=0) / n
+        diff = tl.where(mask, xf - mean, 0.0)
+        var = tl.sum(diff * diff, axis=0) / n
+        return mean, diff, 1.0 / tl.sqrt(var + eps)
+
+    @triton.jit
+    def _relu2(y):
+        """The MLP's activation as eager computes it: relu(y)^2 of y in its dtype, rounded to it again."""
+        yf = tl.maximum(y.to(tl.float32), 0.0)
+        return (yf * yf).to(y.dtype)
+
+    @triton.jit
     def _add_ln_kernel(X, D, R, Y, G, Bias, N, eps, DFLAGS, DEPOCH, d_call, d_part_stride, HAS_D: tl.constexpr,
                        DTP: tl.constexpr, DTP2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One row: s = x + d (rounded to the activation dtype, as eager does), y = LayerNorm(s) * g + b.
@@ -162,18 +182,13 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         m = offs < N
         x = tl.load(X + row * N + offs, mask=m, other=0.0)
-        if HAS_D:
-            # d may be the TP all-reduce's float32 sum: round it to the activation dtype first, as eager's cast does
-            d = _load_delta(D, row * N + offs, m, d_part_stride, DTP).to(R.dtype.element_ty)
-            s = (x.to(tl.float32) + d.to(tl.float32)).to(R.dtype.element_ty)
+        if HAS_D:  # d may be the TP all-reduce's float32 sum
+            s = _add_rounded(x, _load_delta(D, row * N + offs, m, d_part_stride, DTP), R)
             tl.store(R + row * N + offs, s, mask=m)
             xf = s.to(tl.float32)
         else:
             xf = x.to(tl.float32)
-        mean = tl.sum(xf, axis=0) / N
-        diff = tl.where(m, xf - mean, 0.0)
-        var = tl.sum(diff * diff, axis=0) / N
-        rstd = 1.0 / tl.sqrt(var + eps)
+        _, diff, rstd = _ln_stats(xf, m, N, eps)
         g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
         b = tl.load(Bias + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(Y + row * N + offs, (diff * rstd * g + b).to(Y.dtype.element_ty), mask=m)
@@ -220,9 +235,7 @@ if triton is not None:
             _pdl_enter()
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < numel
-        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-        x = tl.maximum(x, 0.0)
-        tl.store(Y + offs, (x * x).to(Y.dtype.element_ty), mask=m)
+        tl.store(Y + offs, _relu2(tl.load(X + offs, mask=m, other=0.0)), mask=m)
 
 
 def _ln_warps(block: int) -> int:
@@ -517,8 +530,7 @@ if triton is not None:
         elif SPLIT_K == 1:
             y = acc.to(Y.dtype.element_ty)
             if RELU2:
-                yf = tl.maximum(y.to(tl.float32), 0.0)
-                y = (yf * yf).to(Y.dtype.element_ty)
+                y = _relu2(y)
             tl.store(Y + rm[:, None] * stride_y + rn[None, :], y, mask=out_mask)
         else:
             part = PART + (tl.program_id(1) * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
@@ -544,8 +556,7 @@ if triton is not None:
         else:
             y = total.to(Y.dtype.element_ty)
             if RELU2:
-                yf = tl.maximum(y.to(tl.float32), 0.0)
-                y = (yf * yf).to(Y.dtype.element_ty)
+                y = _relu2(y)
             tl.store(Y + m * stride_y + cols, y, mask=live)
 
 
@@ -735,7 +746,6 @@ if triton is not None:
         if PDL:
             _pdl_enter()
         pid = tl.program_id(0)
-        act = S.dtype.element_ty
         kf = tl.arange(0, BLOCK_KF)
         kf_mask = kf < K
         rm = tl.arange(0, BLOCK_M)
@@ -745,18 +755,15 @@ if triton is not None:
             if r < M:
                 row = tl.load(X + r * K + kf, mask=kf_mask, other=0.0)
                 if HAS_D:
-                    row_d = tl.load(D + r * K + kf, mask=kf_mask, other=0.0).to(act)
-                    row_s = (row.to(tl.float32) + row_d.to(tl.float32)).to(act)
+                    row_s = _add_rounded(row, tl.load(D + r * K + kf, mask=kf_mask, other=0.0), S)
                     if pid == 0:
                         tl.store(S + r * K + kf, row_s, mask=kf_mask)
                     row_f = row_s.to(tl.float32)
                 else:
                     row_f = row.to(tl.float32)
-                row_mean = tl.sum(row_f, axis=0) / K
-                row_diff = tl.where(kf_mask, row_f - row_mean, 0.0)
-                row_var = tl.sum(row_diff * row_diff, axis=0) / K
+                row_mean, _, row_rstd = _ln_stats(row_f, kf_mask, K, eps)
                 mean_v = tl.where(rm == r, row_mean, mean_v)
-                rstd_v = tl.where(rm == r, 1.0 / tl.sqrt(row_var + eps), rstd_v)
+                rstd_v = tl.where(rm == r, row_rstd, rstd_v)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         w_ptr = W + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
@@ -767,8 +774,7 @@ if triton is not None:
             xm = (rm[:, None] < M) & (kk[None, :] < K)
             x = tl.load(X + rm[:, None] * K + kk[None, :], mask=xm, other=0.0)
             if HAS_D:
-                d = tl.load(D + rm[:, None] * K + kk[None, :], mask=xm, other=0.0).to(act)
-                xf = (x.to(tl.float32) + d.to(tl.float32)).to(act).to(tl.float32)
+                xf = _add_rounded(x, tl.load(D + rm[:, None] * K + kk[None, :], mask=xm, other=0.0), S).to(tl.float32)
             else:
                 xf = x.to(tl.float32)
             g = tl.load(G + kk, mask=kk < K, other=0.0).to(tl.float32)
@@ -782,8 +788,7 @@ if triton is not None:
                 acc += tl.dot(h, tl.trans(w))
         y = acc.to(Y.dtype.element_ty)
         if RELU2:
-            yf = tl.maximum(y.to(tl.float32), 0.0)
-            y = (yf * yf).to(Y.dtype.element_ty)
+            y = _relu2(y)
         tl.store(Y + rm[:, None] * stride_y + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
