@@ -514,6 +514,10 @@ def decode_bench(ctx: Ctx, model, stepper, hf, batches, prompt_len, steps, varia
             put("served_ms", served_ms, ctx, model, prompts, steps)
             if ctx.cuda:  # the same without overlap (the host's work between steps), same run
                 put("served_sync_ms", served_ms, ctx, model, prompts, steps, False)
+            for key in ("served_ms", "served_sync_ms"):  # timed on rank 0; under PP the last stage reports
+                value = from_rank0(ctx, row.get(key))
+                if value is not None:
+                    row[key] = value
         if hf is not None and ctx.left() > 60:
             hs = 64 if b == 1 else 32
 
@@ -595,6 +599,15 @@ def served_ms(ctx: Ctx, model, prompts, steps, overlap: Optional[bool] = None) -
     finally:
         coord.shutdown()
     return (tn - t1) / (steps - 1)
+
+
+def from_rank0(ctx: Ctx, value: Optional[float]) -> Optional[float]:
+    """Rank 0's number (None: none) on every rank, e.g. for the reporting rank under PP."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([float("nan") if value is None else value], dtype=torch.float64, device=ctx.dev)
+    dist.broadcast(t, src=0)
+    return None if torch.isnan(t).item() else float(t)
 
 
 def bench_request(rows: int, tokens: int):
