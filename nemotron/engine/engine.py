@@ -89,7 +89,6 @@ class Row:
     tokens: List[int]
     prompt_len: int
     prefilled: int = 0     # prompt tokens already in the cache
-    length: int = 0        # tokens so far, those sampled but not yet retired included (next position + 1)
     done: bool = False
     logprobs: List[float] = field(default_factory=list)            # sampler rank: log p(token t+1 | ..t)
     full_logprobs: List[torch.Tensor] = field(default_factory=list)  # sampler rank: [n, V] blocks (all_probs)
@@ -289,8 +288,7 @@ class Engine:
                 refused.append(job)
                 continue
             self.queue.popleft()
-            job.rows = [Row(b, self.free_slots.pop(0), list(p), len(p), length=len(p))
-                        for b, p in enumerate(job.prompts)]
+            job.rows = [Row(b, self.free_slots.pop(0), list(p), len(p)) for b, p in enumerate(job.prompts)]
             if self._sampler:
                 job.first_logits = torch.empty(rows, self.cfg.padded_vocab_size, device=self.device)
                 if job.req.random_seed is not None:
@@ -403,7 +401,8 @@ class Engine:
             index = [at[id(r)] for r in rows]
             tokens = (pending.tokens[:R] if index == list(range(R))
                       else pending.tokens[to_device(index, dev)])
-        pos_list = [r.length - 1 for r in rows]
+        # A row's newest token, retired or not, sits at its prompt length + the job's sampled tokens - 1.
+        pos_list = [r.prompt_len + job.sampled - 1 for job in jobs for r in job.rows]
         slot_list = [r.slot for r in rows]
         kv_len = max(pos_list) + 1
         # The same branch on every rank (same rows, same graphs setting); under PP the graph path passes hidden
@@ -435,8 +434,6 @@ class Engine:
             n = len(job.rows)
             if job.seen is not None:  # the sampler's repetition-penalty record, kept on the device
                 job.seen[torch.arange(n, device=dev), new[at:at + n]] = True
-            for row in job.rows:
-                row.length += 1
             job.sampled += 1
             job.started = True
             job.first_logits = None

@@ -156,8 +156,8 @@ class FusedDecoder:
                sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int,
                n: int) -> Tuple[torch.Tensor, Delta]:
         """Local layer i: resid, delta [n, h] (delta None before the first layer; a float32 sum, or a pending
-        peer sum, under TP) -> the
-        next (resid, delta); writes the rows' keys/values into the cache at (slots, positions)."""
+        peer sum, under TP) -> the next (resid, delta); writes the rows' keys/values into the cache at (slots,
+        positions)."""
         att, mlp = layer.self_attention, layer.mlp
         qkv_lin, fc1 = att.linear_qkv, mlp.linear_fc1
         resid, qkv = add_layer_norm_linear(                                     # qkv [n, ng*(hpg+2)*hn]
