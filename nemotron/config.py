@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 
 class ConfigError(ValueError):
     """A model configuration we cannot serve; the message names the key."""
+
+
+def env_switch(name: str, choices: Sequence[str], default: str) -> str:
+    """The environment switch `name` (`default` when unset); any value outside `choices` is a ConfigError naming
+    the variable, the value and the choices."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        expected = f"{', '.join(choices[:-1])} or {choices[-1]}"
+        raise ConfigError(f"{name}={value!r}: expected {expected}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,23 @@ class _EarlyServer:
             raise self.failed[0]
 
 
+def check_environment() -> None:
+    """The NEMOTRON_* switches, before anything is loaded: a typo is one line of error, not a traceback after
+    minutes of loading."""
+    from nemotron.engine.engine import overlap_switch
+    from nemotron.engine.kernels import matmul_mode, pdl_mode
+    from nemotron.parallel.peer_allreduce import peer_switches
+    for check in (overlap_switch, matmul_mode, pdl_mode, peer_switches):
+        check()
+    timeout = os.environ.get("NEMOTRON_CONTROL_TIMEOUT_S", "120")
+    try:
+        ok = float(timeout) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UsageError(f"NEMOTRON_CONTROL_TIMEOUT_S={timeout!r}: expected a positive number of seconds")
+
+
 def run(cfg: DictConfig) -> int:
     import torch
 
@@ -140,6 +157,7 @@ def run(cfg: DictConfig) -> int:
     from nemotron.parallel.runtime import detect_launch, init_runtime
 
     check_supported(cfg)
+    check_environment()
     tp = max(1, int(cfg.tensor_model_parallel_size))
     pp = max(1, int(cfg.pipeline_model_parallel_size))
     accel = str(cfg.trainer.get("accelerator", "auto"))

@@ -14,8 +14,9 @@ CARD_LINE = ["pipeline_model_parallel_split_rank=0", "server=True", "tensor_mode
              "web_server=False", "port=1424"]
 
 
-def run_eval(*overrides, timeout=120):
+def run_eval(*overrides, timeout=120, extra_env=None):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "SLURM_NTASKS")}
+    env.update(extra_env or {})
     return subprocess.run([sys.executable, "-m", "nemotron.eval", *overrides], capture_output=True, text=True,
                           timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
@@ -76,6 +77,18 @@ def test_bad_values_exit_nonzero_with_one_line(overrides, fragment):
     base = [] if any(o.startswith("gpt_model_file=") for o in overrides) else [f"gpt_model_file={TINY}"]
     proc = run_eval(*base, "trainer.precision=32", *overrides)
     assert_one_line_error(proc, fragment)
+
+
+@pytest.mark.parametrize("name,value,fragment", [
+    ("NEMOTRON_OVERLAP", "yes", "NEMOTRON_OVERLAP='yes': expected 0 or 1"),
+    ("NEMOTRON_DECODE_MATMUL", "cuBLAS", "NEMOTRON_DECODE_MATMUL='cuBLAS': expected auto, cublas or triton"),
+    ("NEMOTRON_PEER_EXCHANGE", "off", "NEMOTRON_PEER_EXCHANGE='off': expected 0 or 1"),
+    ("NEMOTRON_CONTROL_TIMEOUT_S", "2m", "NEMOTRON_CONTROL_TIMEOUT_S='2m': expected a positive number"),
+])
+def test_bad_environment_switch_exits_with_one_line_before_loading(name, value, fragment):
+    proc = run_eval(f"gpt_model_file={TINY}", "trainer.precision=32", extra_env={name: value})
+    assert_one_line_error(proc, fragment)
+    assert "loaded" not in proc.stderr  # refused before the model was read
 
 
 def test_unknown_key_is_refused_by_hydra():

@@ -41,6 +41,7 @@ from typing import Deque, List, Optional
 import torch
 import torch.distributed as dist
 
+from nemotron.config import env_switch
 from nemotron.engine.forward import broadcast_from, forward_logits, to_device
 from nemotron.engine.request import GenerationRequest, RequestError
 from nemotron.engine.sampling import apply_repetition_penalty, mask_logits, sample
@@ -50,6 +51,11 @@ from nemotron.tokenizer import Tokenizer, offsets_of
 ENDOFTEXT = "<|endoftext|>"
 
 log = logging.getLogger("nemotron")
+
+
+def overlap_switch() -> str:
+    """NEMOTRON_OVERLAP: 1 (default) retires each iteration in the next one on CUDA; 0 retires it at once."""
+    return env_switch("NEMOTRON_OVERLAP", ("0", "1"), "1")
 
 
 @dataclass
@@ -168,10 +174,7 @@ class Engine:
         self._pending: Optional[_Sampled] = None    # the last iteration's tokens, not yet retired (overlap)
         self._sampler = self.ps.rank == self.ps.last_stage_leader
         self._distributed = dist.is_initialized() and dist.get_world_size() > 1
-        env_overlap = os.environ.get("NEMOTRON_OVERLAP", "1")
-        if env_overlap not in ("0", "1"):
-            raise ValueError(f"NEMOTRON_OVERLAP={env_overlap!r}: expected 0 or 1")
-        self.overlap = overlap if overlap is not None else (self.device.type == "cuda" and env_overlap == "1")
+        self.overlap = overlap if overlap is not None else (self.device.type == "cuda" and overlap_switch() == "1")
         self.graphs = None
         want = cuda_graphs if cuda_graphs is not None else os.environ.get("NEMOTRON_CUDA_GRAPHS", "1") != "0"
         if want and self.device.type == "cuda":

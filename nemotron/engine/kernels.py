@@ -11,6 +11,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from nemotron.config import env_switch
 from nemotron.model import apply_rotary
 from nemotron.parallel.peer_allreduce import PeerSum
 
@@ -40,10 +41,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 def pdl_mode() -> str:
     """NEMOTRON_PDL: 1 (default) launches the decode kernels with programmatic dependent launch on Hopper and
     newer; 0 launches them plainly."""
-    mode = os.environ.get("NEMOTRON_PDL", "1")
-    if mode not in ("0", "1"):
-        raise ValueError(f"NEMOTRON_PDL={mode!r}: expected 0 or 1")
-    return mode
+    return env_switch("NEMOTRON_PDL", ("0", "1"), "1")
 
 
 def _pdl(x: torch.Tensor) -> dict:
@@ -656,10 +654,7 @@ def graph_time_ms(fn, reps: int = 20) -> float:
 
 def matmul_mode() -> str:
     """NEMOTRON_DECODE_MATMUL: auto (time both on first use), cublas or triton (pinned)."""
-    mode = os.environ.get("NEMOTRON_DECODE_MATMUL", "auto")
-    if mode not in ("auto", "cublas", "triton"):
-        raise ValueError(f"NEMOTRON_DECODE_MATMUL={mode!r}: expected auto, cublas or triton")
-    return mode
+    return env_switch("NEMOTRON_DECODE_MATMUL", ("auto", "cublas", "triton"), "auto")
 
 
 def _pick_skinny(x, w, out_dtype, relu2) -> Optional[Tuple[int, int, int, int]]:

@@ -28,6 +28,8 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from nemotron.config import env_switch
+
 log = logging.getLogger(__name__)
 
 #: Messages up to this many bytes take the peer path (decode activations: [128, 4096] fp32 is 2 MiB).
@@ -161,6 +163,12 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def peer_switches() -> Tuple[str, str]:
+    """NEMOTRON_PEER_ALLREDUCE and NEMOTRON_PEER_EXCHANGE, each 1 (default) or 0."""
+    return (env_switch("NEMOTRON_PEER_ALLREDUCE", ("0", "1"), "1"),
+            env_switch("NEMOTRON_PEER_EXCHANGE", ("0", "1"), "1"))
+
+
 def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.device,
                            max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
     """Collective over `group` (every member calls it). Returns whether the peer path is on for this group.
@@ -169,17 +177,12 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
     (then every member falls back together: a failure on one rank is shared through an all-reduce of the flag).
     With it comes a `PeerExchange` with slots of `max_bytes`, unless NEMOTRON_PEER_EXCHANGE=0.
     """
-    switch = os.environ.get("NEMOTRON_PEER_ALLREDUCE", "1")
-    if switch not in ("0", "1"):
-        raise ValueError(f"NEMOTRON_PEER_ALLREDUCE={switch!r}: expected 0 or 1")
+    switch, exchange_switch = peer_switches()
     if group is None or device.type != "cuda" or switch == "0":
         return False
     if dist.get_world_size(group) < 2:
         return False
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    exchange_switch = os.environ.get("NEMOTRON_PEER_EXCHANGE", "1")
-    if exchange_switch not in ("0", "1"):
-        raise ValueError(f"NEMOTRON_PEER_EXCHANGE={exchange_switch!r}: expected 0 or 1")
     want_exchange = exchange_switch == "1"
     buffers, peer, exchange, error = None, None, None, ""
     try:  # symmetric memory needs P2P access and a recent driver; NCCL always works
