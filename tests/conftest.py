@@ -82,6 +82,16 @@ def tiny_reference_state():
     return load_file(os.path.join(FIXTURES, "tiny_reference.safetensors"))
 
 
+def run_worker(main) -> None:
+    """A torchrun worker's entry: run `main`, then leave as `python -m nemotron.eval` does, with os._exit rather
+    than interpreter teardown, which destroys the process groups' gloo threads while a peer that already left
+    closes its sockets (seen: "terminate called" on a rank)."""
+    main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def tiny_model_on_ranks(tp: int, pp: int):
     """A torchrun worker's start on CPU: (runtime with gloo groups, this rank's shard of the tiny model filled with
     the reference weights, in eval mode)."""

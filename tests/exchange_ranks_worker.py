@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from conftest import tiny_model_on_ranks  # noqa: E402
+from conftest import run_worker, tiny_model_on_ranks  # noqa: E402
 from nemotron.engine.forward import forward_logits  # noqa: E402
 from nemotron.engine.graphs import DecodeGraphs  # noqa: E402
 from nemotron.model import Batch  # noqa: E402
@@ -99,7 +99,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as tests/graphs_pp_worker.py: no interpreter teardown of live gloo groups
+    run_worker(main)

@@ -18,7 +18,7 @@ import torch
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import FIXTURES, tiny_model_on_ranks  # noqa: E402
+from conftest import FIXTURES, run_worker, tiny_model_on_ranks  # noqa: E402
 from nemotron.engine.engine import Engine  # noqa: E402
 from nemotron.engine.forward import forward_logits  # noqa: E402
 from nemotron.engine.graphs import DecodeGraphs  # noqa: E402
@@ -107,9 +107,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    # Leave as `python -m nemotron.eval` does: with os._exit, not interpreter teardown, which destroys the process
-    # groups' gloo threads while a peer that already left closes its sockets (seen: "terminate called" on a rank).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_worker(main)

@@ -16,7 +16,7 @@ import torch
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import FIXTURES, tiny_config, tiny_reference_state  # noqa: E402
+from conftest import FIXTURES, run_worker, tiny_config, tiny_reference_state  # noqa: E402
 from nemotron.checkpoint import torch_dist  # noqa: E402
 from nemotron.checkpoint.shards import fill_from_full_state  # noqa: E402
 from nemotron.engine.engine import Engine  # noqa: E402
@@ -66,9 +66,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    # Leave as `python -m nemotron.eval` does: with os._exit, not interpreter teardown, which destroys the process
-    # groups' gloo threads while a peer that already left closes its sockets (seen: "terminate called" on a rank).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_worker(main)
