@@ -129,21 +129,27 @@ class _EarlyServer:
             raise self.failed[0]
 
 
-def check_environment() -> None:
-    """The NEMOTRON_* switches, before anything is loaded: a typo is one line of error, not a traceback after
-    minutes of loading."""
-    from nemotron.engine.engine import overlap_switch
-    from nemotron.engine.kernels import matmul_mode, pdl_mode
-    from nemotron.parallel.peer_allreduce import peer_switches
-    for check in (overlap_switch, matmul_mode, pdl_mode, peer_switches):
-        check()
+def control_timeout_s() -> float:
+    """NEMOTRON_CONTROL_TIMEOUT_S (default 120): how long an idle follower waits on the gloo control group."""
     timeout = os.environ.get("NEMOTRON_CONTROL_TIMEOUT_S", "120")
     try:
-        ok = float(timeout) > 0
+        seconds = float(timeout)
     except ValueError:
-        ok = False
-    if not ok:
+        seconds = 0.0
+    if not seconds > 0:
         raise UsageError(f"NEMOTRON_CONTROL_TIMEOUT_S={timeout!r}: expected a positive number of seconds")
+    return seconds
+
+
+def check_environment() -> float:
+    """The NEMOTRON_* switches, before anything is loaded: a typo is one line of error, not a traceback after
+    minutes of loading. Returns the control timeout."""
+    from nemotron.engine.engine import cuda_graphs_switch, overlap_switch
+    from nemotron.engine.kernels import matmul_mode, pdl_mode
+    from nemotron.parallel.peer_allreduce import peer_switches
+    for check in (cuda_graphs_switch, overlap_switch, matmul_mode, pdl_mode, peer_switches):
+        check()
+    return control_timeout_s()
 
 
 def run(cfg: DictConfig) -> int:
@@ -157,7 +163,7 @@ def run(cfg: DictConfig) -> int:
     from nemotron.parallel.runtime import detect_launch, init_runtime
 
     check_supported(cfg)
-    check_environment()
+    control_timeout = check_environment()
     tp = max(1, int(cfg.tensor_model_parallel_size))
     pp = max(1, int(cfg.pipeline_model_parallel_size))
     accel = str(cfg.trainer.get("accelerator", "auto"))
@@ -170,7 +176,6 @@ def run(cfg: DictConfig) -> int:
         web = _EarlyServer(cfg, os.path.basename(path.rstrip("/")))
     # Idle followers wait on the gloo control group with this timeout; rank 0's heartbeats (a quarter of it, at
     # most 5 s apart) keep the wait from ever expiring while the server has no traffic.
-    control_timeout = float(os.environ.get("NEMOTRON_CONTROL_TIMEOUT_S", "120"))
     runtime = init_runtime(tp, pp, int(cfg.trainer.devices), int(cfg.trainer.num_nodes), cpu=accel == "cpu",
                            control_timeout_s=control_timeout)
     ps = runtime.ps

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, List, Optional
@@ -51,6 +50,11 @@ from nemotron.tokenizer import Tokenizer, offsets_of
 ENDOFTEXT = "<|endoftext|>"
 
 log = logging.getLogger("nemotron")
+
+
+def cuda_graphs_switch() -> str:
+    """NEMOTRON_CUDA_GRAPHS: 1 (default) decodes through captured CUDA graphs on CUDA; 0 decodes eagerly."""
+    return env_switch("NEMOTRON_CUDA_GRAPHS", ("0", "1"), "1")
 
 
 def overlap_switch() -> str:
@@ -176,7 +180,7 @@ class Engine:
         self._distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.overlap = overlap if overlap is not None else (self.device.type == "cuda" and overlap_switch() == "1")
         self.graphs = None
-        want = cuda_graphs if cuda_graphs is not None else os.environ.get("NEMOTRON_CUDA_GRAPHS", "1") != "0"
+        want = cuda_graphs if cuda_graphs is not None else cuda_graphs_switch() == "1"
         if want and self.device.type == "cuda":
             from nemotron.engine.graphs import DecodeGraphs
             ok, why = DecodeGraphs.supported(model)
