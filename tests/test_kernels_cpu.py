@@ -100,6 +100,17 @@ for cfg in [(64, 32, 4, 2, 3), (32, 64, 4, 2, 2), (128, 16, 4, 2, 4)]:
         ref = x @ w.t()
         torch.testing.assert_close(y, ref.clamp(min=0) ** 2 if relu2 else ref, rtol=1e-5, atol=1e-4)
 
+# The one-row CUDA-core kernel (offered outside TP steps only): N and K not multiples of its blocks
+assert set(kernels.GEMV_CONFIGS) <= set(kernels.skinny_configs(1))
+assert not set(kernels.GEMV_CONFIGS) & set(kernels.skinny_configs(1, tensor_parallel=True) + kernels.skinny_configs(2))
+for cfg in kernels.GEMV_CONFIGS[:2] + (("gemv", 8, 64, 4, 2),):
+    x, w = torch.randn(1, 300), torch.randn(90, 300)
+    for out_dtype, relu2 in ((torch.float32, False), (torch.float32, True)):
+        y = torch.empty(1, 90, dtype=out_dtype)
+        kernels._skinny_launch(x, w, y, relu2, cfg)
+        ref = x @ w.t()
+        torch.testing.assert_close(y, ref.clamp(min=0) ** 2 if relu2 else ref, rtol=1e-5, atol=1e-4)
+
 # add + LayerNorm in the matmul's prologue: one and two rows, with and without the residual delta (bf16-free:
 # a float32 delta is the TP sum, rounded to x's dtype first), relu^2, K not a power of two.
 for M, N, K in [(1, 48, 40), (2, 100, 96)]:

@@ -5,16 +5,16 @@ of different requests come and go) and returns float32 logits [n, V]. Eagerly th
 of them tiny (RoPE alone is a dozen), so on an H100 the launch gaps cost as much as reading the weights. Here the
 step is
 
-* fused: per layer `add+LayerNorm1p` (Triton; for one or two rows it runs in the next matmul's prologue) ->
-  QKV matmul -> `RoPE + cache write + q layout` (Triton) ->
-  decode attention (Triton: a group's query heads against its cached keys, each row only up to its own
-  position, split over the keys when rows are few) -> proj matmul (+TP sum) -> `add+LayerNorm1p` ->
-  fc1 with relu^2 -> fc2 (+TP sum). The matmuls (`decode_linear`) run cuBLAS or a skinny Triton kernel,
-  whichever was faster for that weight on first use. Under TP their partial sums stay float32 and the next
-  add+LayerNorm rounds the total once. With a peer exchange (CUDA, TP group on symmetric memory) there is no
-  all-reduce kernel: the matmul pushes its part into every rank's exchange buffer and the add+LayerNorm adds
-  the parts up (`PeerSum`); otherwise an all-reduce kernel sums them (through the peers' memory for small
-  messages, else NCCL). LayerNorm1p's `gamma = weight + 1` is computed once per weight version, not per step;
+* fused: per layer `add+LayerNorm1p` (Triton; for one or two rows it runs in the next matmul's prologue) -> QKV
+  matmul -> `RoPE + cache write + q layout` (Triton) -> decode attention (Triton: a group's query heads against its
+  cached keys, each row only up to its own position, split over the keys when rows are few) -> proj matmul (+TP sum)
+  -> `add+LayerNorm1p` -> fc1 with relu^2 -> fc2 (+TP sum). The matmuls (`decode_linear`) run cuBLAS or a skinny
+  Triton kernel (for one row outside TP also a CUDA-core one), whichever was faster for that weight on first use.
+  Under TP their partial sums stay float32 and the next add+LayerNorm rounds the total once. With a peer exchange
+  (CUDA, TP group on symmetric memory) there is no all-reduce kernel: the matmul pushes its part into every rank's
+  exchange buffer and the add+LayerNorm adds the parts up (`PeerSum`); otherwise an all-reduce kernel sums them
+  (through the peers' memory for small messages, else NCCL). LayerNorm1p's `gamma = weight + 1` is computed once per
+  weight version, not per step;
 * captured in a CUDA graph per batch bucket (1, 2, 4, ... 128) and KV bucket (the keys read are rounded up to a
   multiple of 64..512, never the whole cache), lazily on first use, all graphs sharing one memory pool; a replay
   only copies the step's token ids and positions into the graph's static inputs.
@@ -87,6 +87,7 @@ class FusedDecoder:
     def __init__(self, model: NemotronModel, num_layers: Optional[int] = None):
         self.model = model
         self.first, self.last = model.ps.is_first_stage, model.ps.is_last_stage
+        self.tp = model.ps.tp_size > 1  # the matmuls' kernel choice differs inside a TP step (kernels.GEMV_CONFIGS)
         self.layers = list(model.decoder.layers)[:num_layers]  # this stage's layers only (model.py)
         self._gammas: Dict[int, Tuple[int, torch.Tensor, torch.Tensor]] = {}
         norms = []
@@ -145,7 +146,7 @@ class FusedDecoder:
             return out.copy_(resid) if delta is None else torch.add(resid, delta.to(resid.dtype), out=out)
         fin = m.decoder.final_layernorm
         _, logits = add_layer_norm_linear(resid, delta, self.gamma(fin.weight, fin.zero_centered), fin.bias,
-                                          fin.eps, m.output_layer.weight)
+                                          fin.eps, m.output_layer.weight, tensor_parallel=self.tp)
         logits = all_gather_last_dim(logits, m.ps.tp_group)
         if out is None:
             return logits.float()
@@ -162,14 +163,14 @@ class FusedDecoder:
         qkv_lin, fc1 = att.linear_qkv, mlp.linear_fc1
         resid, qkv = add_layer_norm_linear(                                     # qkv [n, ng*(hpg+2)*hn]
             resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
-            qkv_lin.layer_norm_bias, qkv_lin.eps, qkv_lin.weight)
+            qkv_lin.layer_norm_bias, qkv_lin.eps, qkv_lin.weight, tensor_parallel=self.tp)
         ck, cv = cache.k[i], cache.v[i]
         q = rope_to_cache(qkv, cos, sin, positions, slots, ck, cv, att.groups, att.heads_per_group, att.head_dim)
         o = decode_attention(q, ck, cv, positions, slots, kv_len)               # [n, ng, hpg, hn]
         delta = self._row_parallel(att.linear_proj, o.reshape(n, -1))
         resid, act = add_layer_norm_linear(                                     # relu^2(fc1) [n, ffn/tp]
             resid, delta, self.gamma(fc1.layer_norm_weight, fc1.zero_centered_gamma), fc1.layer_norm_bias,
-            fc1.eps, fc1.weight, relu2=True)
+            fc1.eps, fc1.weight, relu2=True, tensor_parallel=self.tp)
         delta = self._row_parallel(mlp.linear_fc2, act)
         return resid, delta
 
@@ -192,7 +193,8 @@ class FusedDecoder:
             self._sums += 1
             return decode_linear_to_peers(x, lin.weight, target)
         fp32_sum = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        return all_reduce(decode_linear(x, lin.weight, out_dtype=torch.float32 if fp32_sum else None), lin.group)
+        return all_reduce(decode_linear(x, lin.weight, out_dtype=torch.float32 if fp32_sum else None,
+                                        tensor_parallel=True), lin.group)
 
 
 # --- Graphs --------------------------------------------------------------------------------------------------

@@ -557,6 +557,30 @@ if triton is not None:
                 y = _relu2(y)
             tl.store(Y + m * stride_y + cols, y, mask=live)
 
+    @triton.jit
+    def _gemv_kernel(X, W, Y, N, K, stride_w, RELU2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr):
+        """y[0, tile] = x[0] @ W[tile]^T for one row on the CUDA cores. Without a tensor-core tile (16 rows of W at
+        least) a program can own as few as 2-8 rows of W, so a weight spreads over several programs per SM, which
+        keeps more loads in flight while the stream ramps up and drains. Each thread multiplies and adds along K;
+        the rows are summed across threads once, at the end."""
+        if PDL:
+            _pdl_enter()
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        w_ptr = W + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
+        w_mask = rn[:, None] < N
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_live = k0 + rk < K
+            x = tl.load(X + k0 + rk, mask=k_live, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + k0, mask=w_mask & k_live[None, :], other=0.0).to(tl.float32)
+            acc += w * x[None, :]
+        y = tl.sum(acc, axis=1).to(Y.dtype.element_ty)
+        if RELU2:
+            y = _relu2(y)
+        tl.store(Y + rn, y, mask=rn < N)
+
 
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per weight shape; the fastest (or cuBLAS) is kept.
 SKINNY_CONFIGS = ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4),
@@ -567,9 +591,18 @@ SKINNY_CONFIGS_WIDE = ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 1
                        (128, 128, 8, 3, 2), (128, 128, 8, 3, 4), (128, 64, 4, 4, 4), (256, 64, 8, 3, 4),
                        (64, 128, 4, 3, 4))
 SKINNY_MAX_ROWS = 64
+#: For one row outside tensor parallelism also ("gemv", BLOCK_N, BLOCK_K, num_warps, num_stages): the CUDA-core
+#: kernel, a few rows of W per program. A K block's loads are all issued before its multiply-adds wait on them, so
+#: wide K blocks (up to a whole 4096-wide row) keep more bytes in flight. On an H100 it made the bench-8b batch-1 step
+#: 6 % faster on one GPU, but the TP2 and TP4 steps slower, though each product timed faster alone (the timer cannot
+#: see it: docs/benchmarks.md, seventh round), so TP steps are not offered it.
+GEMV_CONFIGS = (("gemv", 2, 2048, 4, 1), ("gemv", 2, 4096, 8, 1), ("gemv", 4, 1024, 4, 1), ("gemv", 4, 2048, 8, 1),
+                ("gemv", 8, 512, 4, 1), ("gemv", 8, 1024, 8, 1), ("gemv", 16, 512, 8, 1))
 
 
-def skinny_configs(rows: int):
+def skinny_configs(rows: int, tensor_parallel: bool = False):
+    if rows == 1 and not tensor_parallel:
+        return SKINNY_CONFIGS + GEMV_CONFIGS
     return SKINNY_CONFIGS if rows <= 16 else SKINNY_CONFIGS_WIDE
 
 
@@ -577,13 +610,16 @@ def _block_m(rows: int) -> int:
     return max(16, triton.next_power_of_2(rows))  # tl.dot needs 16
 
 
-_skinny_choice: Dict[Tuple, Optional[Tuple[int, int, int, int]]] = {}
+_skinny_choice: Dict[Tuple, Optional[Tuple]] = {}
 skinny_timings: Dict[str, Dict[str, float]] = {}  # what the choice was made from (the benchmark records it)
 skinny_errors: Dict[str, str] = {}
 
 
 def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None):
     """y = x @ w^T [relu^2] with config cfg; with a target, y (None then) goes to the peer exchange instead."""
+    if cfg[0] == "gemv":
+        assert target is None, "the CUDA-core kernel does not push to the peers"
+        return _gemv_launch(x, w, y, relu2, cfg)
     bn, bk, warps, stages = cfg[:4]
     M, K = x.shape
     N = w.shape[0]
@@ -603,6 +639,14 @@ def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None):
         _splitk_reduce[(M, triton.cdiv(N, block))](
             PART=part, Y=y if y is not None else part, M=M, N=N, stride_y=stride_y, RELU2=relu2, SPLIT_K=splits,
             BLOCK=block, num_warps=4, **_producer_args(target, part), **_pdl(x))
+
+
+def _gemv_launch(x, w, y, relu2, cfg):
+    _, bn, bk, warps, stages = cfg
+    N, K = w.shape
+    assert x.shape == (1, K) and y.shape == (1, N) and y.is_contiguous()
+    _gemv_kernel[(triton.cdiv(N, bn),)](X=x, W=w, Y=y, N=N, K=K, stride_w=w.stride(0), RELU2=relu2, BLOCK_N=bn,
+                                        BLOCK_K=bk, num_warps=warps, num_stages=stages, **_pdl(x))
 
 
 def _push_launch(y: torch.Tensor, target: PeerSum) -> None:
@@ -657,16 +701,16 @@ def matmul_mode() -> str:
     return env_switch("NEMOTRON_DECODE_MATMUL", ("auto", "cublas", "triton"), "auto")
 
 
-def _pick_skinny(x, w, out_dtype, relu2) -> Optional[Tuple[int, int, int, int]]:
+def _pick_skinny(x, w, out_dtype, relu2, tensor_parallel) -> Optional[Tuple]:
     """Time cuBLAS and each config on these very tensors (outside any graph capture); None means cuBLAS."""
     mode = matmul_mode()
     if mode == "cublas":
         return None
     if not x.is_cuda:  # Triton's interpreter (CPU tests): always the kernel, first config
-        return skinny_configs(x.shape[0])[0]
+        return skinny_configs(x.shape[0], tensor_parallel)[0]
     y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
     times = {"cublas": graph_time_ms(lambda: _cublas(x, w, out_dtype, relu2))}
-    configs = skinny_configs(x.shape[0])
+    configs = skinny_configs(x.shape[0], tensor_parallel)
     for cfg in configs:
         try:
             times[str(cfg)] = graph_time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
@@ -689,12 +733,13 @@ def _cublas(x, w, out_dtype, relu2):
 
 
 def decode_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
-                  relu2: bool = False) -> torch.Tensor:
+                  relu2: bool = False, tensor_parallel: bool = False) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T -> [M, N] in out_dtype (default x's; float32 keeps TP partial sums unrounded), then
     relu^2 if asked. For M <= 64 on CUDA, whichever of cuBLAS and the skinny Triton kernel (per config) was
-    faster on first use of this shape runs from then on (NEMOTRON_DECODE_MATMUL=cublas|triton pins it)."""
+    faster on first use of this shape runs from then on (NEMOTRON_DECODE_MATMUL=cublas|triton pins it).
+    tensor_parallel: the product is part of a TP step (which is not offered the CUDA-core configs)."""
     out_dtype = out_dtype or x.dtype
-    cfg = _matmul_choice(x, w, out_dtype, relu2)
+    cfg = _matmul_choice(x, w, out_dtype, relu2, tensor_parallel)
     if cfg is None:
         return _cublas(x, w, out_dtype, relu2)
     y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
@@ -706,7 +751,7 @@ def decode_linear_to_peers(x: torch.Tensor, w: torch.Tensor, target: PeerSum) ->
     """This rank's part of a row-parallel product, x [M, K] @ w[N, K]^T in float32, pushed into the peer
     exchange as `target` (the skinny kernel's epilogue does it; after cuBLAS a small kernel does)."""
     assert target.shape == (x.shape[0], w.shape[0]) and can_exchange(x)
-    cfg = _matmul_choice(x, w, torch.float32, False)
+    cfg = _matmul_choice(x, w, torch.float32, False, tensor_parallel=True)
     if cfg is None:
         _push_launch(_cublas(x, w, torch.float32, False), target)
     else:
@@ -714,15 +759,15 @@ def decode_linear_to_peers(x: torch.Tensor, w: torch.Tensor, target: PeerSum) ->
     return target
 
 
-def _matmul_choice(x, w, out_dtype, relu2) -> Optional[Tuple[int, ...]]:
+def _matmul_choice(x, w, out_dtype, relu2, tensor_parallel) -> Optional[Tuple]:
     """The skinny kernel's config for this product, or None for cuBLAS (timed once per shape, outside captures)."""
     if not _use_triton(x) or x.shape[0] > SKINNY_MAX_ROWS or (relu2 and out_dtype != x.dtype):
         return None
-    key = (x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2, x.device)
+    key = (x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2, x.device, tensor_parallel)
     if key not in _skinny_choice:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return None  # never time inside a capture (warm-up runs first)
-        _skinny_choice[key] = _pick_skinny(x, w, out_dtype, relu2)
+        _skinny_choice[key] = _pick_skinny(x, w, out_dtype, relu2, tensor_parallel)
     assert x.stride(1) == 1 and w.stride(1) == 1
     return _skinny_choice[key]
 
@@ -804,8 +849,8 @@ def _ln_launch(x, delta, s, gamma, beta, eps, w, y, relu2, cfg):
 
 
 def add_layer_norm_linear(x: torch.Tensor, delta: Delta, gamma: torch.Tensor,
-                          beta: torch.Tensor, eps: float, w: torch.Tensor,
-                          relu2: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                          beta: torch.Tensor, eps: float, w: torch.Tensor, relu2: bool = False,
+                          tensor_parallel: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """`add_layer_norm` then `decode_linear` (same results): (s = x + delta, LayerNorm(s) @ w^T [relu^2]).
     For one or two rows on CUDA the LayerNorm runs in the matmul's prologue (one launch instead of two) when
     that was faster for this weight on first use. Not for a pending peer sum: every program would reread all
@@ -817,10 +862,10 @@ def add_layer_norm_linear(x: torch.Tensor, delta: Delta, gamma: torch.Tensor,
 
     def unfused():
         s, h = add_layer_norm(x, delta, gamma, beta, eps)
-        return s, decode_linear(h, w, relu2=relu2)
+        return s, decode_linear(h, w, relu2=relu2, tensor_parallel=tensor_parallel)
     if not fusable:
         return unfused()
-    key = (M, tuple(w.shape), w.dtype, relu2, delta is None, x.dtype, x.device)
+    key = (M, tuple(w.shape), w.dtype, relu2, delta is None, x.dtype, x.device, tensor_parallel)
     if key not in _ln_choice:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return unfused()
