@@ -72,7 +72,8 @@ def check_divisibility(cfg, tp_size: int) -> None:
         problems.append(f"num_query_groups ({cfg.num_query_groups}) % tensor_model_parallel_size ({tp_size}) != 0"
                         " (each rank must hold whole query groups)")
     if cfg.num_attention_heads % tp_size:
-        problems.append(f"num_attention_heads ({cfg.num_attention_heads}) % tensor_model_parallel_size ({tp_size}) != 0")
+        problems.append(f"num_attention_heads ({cfg.num_attention_heads}) % tensor_model_parallel_size ({tp_size})"
+                        " != 0")
     if cfg.ffn_hidden_size % tp_size:
         problems.append(f"ffn_hidden_size ({cfg.ffn_hidden_size}) % tensor_model_parallel_size ({tp_size}) != 0")
     if cfg.padded_vocab_size % tp_size:
