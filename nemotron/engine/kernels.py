@@ -591,13 +591,13 @@ SKINNY_CONFIGS_WIDE = ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 1
                        (128, 128, 8, 3, 2), (128, 128, 8, 3, 4), (128, 64, 4, 4, 4), (256, 64, 8, 3, 4),
                        (64, 128, 4, 3, 4))
 SKINNY_MAX_ROWS = 64
-#: For one row outside tensor parallelism also ("gemv", BLOCK_N, BLOCK_K, num_warps, num_stages): the CUDA-core
+#: For one row outside tensor parallelism also ("gemv", BLOCK_N, BLOCK_K, num_warps): the CUDA-core
 #: kernel, a few rows of W per program. A K block's loads are all issued before its multiply-adds wait on them, so
 #: wide K blocks (up to a whole 4096-wide row) keep more bytes in flight. On an H100 it made the bench-8b batch-1 step
 #: 6 % faster on one GPU, but the TP2 and TP4 steps slower, though each product timed faster alone (the timer cannot
 #: see it: docs/benchmarks.md, seventh round), so TP steps are not offered it.
-GEMV_CONFIGS = (("gemv", 2, 2048, 4, 1), ("gemv", 2, 4096, 8, 1), ("gemv", 4, 1024, 4, 1), ("gemv", 4, 2048, 8, 1),
-                ("gemv", 8, 512, 4, 1), ("gemv", 8, 1024, 8, 1), ("gemv", 16, 512, 8, 1))
+GEMV_CONFIGS = (("gemv", 2, 2048, 4), ("gemv", 2, 4096, 8), ("gemv", 4, 1024, 4), ("gemv", 4, 2048, 8),
+                ("gemv", 8, 512, 4), ("gemv", 8, 1024, 8), ("gemv", 16, 512, 8))
 
 
 def skinny_configs(rows: int, tensor_parallel: bool = False):
@@ -642,11 +642,11 @@ def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None):
 
 
 def _gemv_launch(x, w, y, relu2, cfg):
-    _, bn, bk, warps, stages = cfg
+    _, bn, bk, warps = cfg
     N, K = w.shape
     assert x.shape == (1, K) and y.shape == (1, N) and y.is_contiguous()
     _gemv_kernel[(triton.cdiv(N, bn),)](X=x, W=w, Y=y, N=N, K=K, stride_w=w.stride(0), RELU2=relu2, BLOCK_N=bn,
-                                        BLOCK_K=bk, num_warps=warps, num_stages=stages, **_pdl(x))
+                                        BLOCK_K=bk, num_warps=warps, num_stages=1, **_pdl(x))
 
 
 def _push_launch(y: torch.Tensor, target: PeerSum) -> None:
