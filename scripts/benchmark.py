@@ -969,7 +969,11 @@ def decode_with(ctx: Ctx, model, stepper, prompts1, name: str, paths):
 
 @torch.inference_mode()
 def profile_stage(ctx: Ctx, model, stepper, batches, steps: int = 5):
-    """GPU time per kernel of the fused decode step (run without the graph: same kernels), per step."""
+    """Where the captured decode step's time goes, per kernel. Graph replays are profiled (CUPTI reports the
+    kernels inside a graph); under PDL a kernel starts early and waits, so its duration is not its cost. Its cost
+    here is its *increment*: its end minus the previous kernel's end (kernels of one stream end in order), or its
+    duration if it started on an idle GPU; the increments sum to the GPU's busy time. Reported per kernel name,
+    and the last step's kernels in order (a layer's kernels repeat in it)."""
     if not ctx.cuda:
         return
     from torch.profiler import ProfilerActivity, profile
@@ -983,21 +987,46 @@ def profile_stage(ctx: Ctx, model, stepper, batches, steps: int = 5):
 
         def run():
             for _ in range(steps):
-                stepper.fused_step(tok, pos, P + 1)
+                stepper.graph(tok, pos, P + 1)
         run()
-        torch.cuda.synchronize()
+        ctx.sync()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             run()
-            torch.cuda.synchronize()
-        evs = [e for e in prof.key_averages() if getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) > 0]
-        total = sum(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) for e in evs) / 1e3 / steps
-        rows = sorted(({"kernel": e.key[:90], "calls_per_step": e.count / steps,
-                        "ms_per_step": getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3 / steps}
-                       for e in evs), key=lambda r: -r["ms_per_step"])
-        res[str(b)] = {"kernel_ms_per_step": total, "top": rows[:14]}
-        ctx.log(f"profile batch {b}: GPU kernel time {total:.3f} ms/step (kv {P + 1})")
-        for r in rows[:14]:
-            ctx.log(f"   {r['ms_per_step']:8.4f} ms  x{r['calls_per_step']:5.0f}  {r['kernel']}")
+            ctx.sync()
+        kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                          if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+                          and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()),
+                         key=lambda k: k[0])
+        if not kernels:
+            ctx.log(f"profile batch {b}: no kernels reported")
+            continue
+        per_step = len(kernels) // steps
+        by_name: dict = {}
+        seq = []  # the last step's kernels in order: (name, increment us, duration us)
+        prev_end = kernels[0][0]
+        for i, (start, end, name) in enumerate(kernels):
+            # a kernel that starts on an idle GPU (a replay's first, after the host) counts its own duration only
+            inc = end - max(start, prev_end) if end > prev_end else 0.0
+            prev_end = max(prev_end, end)
+            short = name.removeprefix("void ").split("(")[0].split("<")[0][:60]
+            slot = by_name.setdefault(short, [0, 0.0, 0.0])
+            slot[0] += 1
+            slot[1] += inc
+            slot[2] += end - start
+            if i >= len(kernels) - per_step:
+                seq.append((short, round(inc, 2), round(end - start, 2)))
+        rows = sorted(({"kernel": k, "calls_per_step": v[0] / steps, "increment_us_per_step": v[1] / steps,
+                        "duration_us_per_step": v[2] / steps} for k, v in by_name.items()),
+                      key=lambda r: -r["increment_us_per_step"])
+        total = sum(r["increment_us_per_step"] for r in rows) / 1e3
+        res[str(b)] = {"kernels_per_step": per_step, "increments_ms_per_step": total, "by_kernel": rows,
+                       "last_step_sequence": seq}
+        ctx.log(f"profile batch {b} (graph replay): {per_step} kernels, increments {total:.3f} ms/step")
+        for r in rows[:16]:
+            ctx.log(f"   {r['increment_us_per_step'] / 1e3:8.4f} ms  x{r['calls_per_step']:5.0f}  "
+                    f"(duration {r['duration_us_per_step'] / 1e3:7.4f})  {r['kernel']}")
+        mid = per_step // 2  # a layer in the middle of the step, for the per-position view
+        ctx.log("   mid-step sequence (name, increment us, duration us):", seq[mid:mid + 24])
     ctx.result["profile"] = res
     ctx.save()
 
@@ -1170,7 +1199,7 @@ def main():
                     help="torch.compile mode for the batch-1 compiled variant ('off' to skip); runs last, if the "
                          "budget leaves --compile-min-s")
     ap.add_argument("--compile-min-s", type=float, default=200)
-    ap.add_argument("--profile", default="", help="decode suite: per-kernel GPU time of the step at these batches")
+    ap.add_argument("--profile", default="", help="decode suite: where the graph step's time goes, per kernel, at these batches")
     ap.add_argument("--slope-layers", type=int, default=0, help="also time the first K layers: per-layer cost")
     ap.add_argument("--extrapolate", action="store_true", help="340B on TP8xPP2 from this run's per-layer cost")
     ap.add_argument("--reserve-gb", type=float, default=8.0, help="--layers auto: GPU memory left for the rest")
