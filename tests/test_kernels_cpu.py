@@ -100,9 +100,9 @@ for cfg in [(64, 32, 4, 2, 3), (32, 64, 4, 2, 2), (128, 16, 4, 2, 4)]:
         ref = x @ w.t()
         torch.testing.assert_close(y, ref.clamp(min=0) ** 2 if relu2 else ref, rtol=1e-5, atol=1e-4)
 
-# The one-row CUDA-core kernel (offered outside TP steps only): N and K not multiples of its blocks
+# The one-row CUDA-core kernel (not offered to products pushed to the peers): N and K not multiples of its blocks
 assert set(kernels.GEMV_CONFIGS) <= set(kernels.skinny_configs(1))
-assert not set(kernels.GEMV_CONFIGS) & set(kernels.skinny_configs(1, tensor_parallel=True) + kernels.skinny_configs(2))
+assert not set(kernels.GEMV_CONFIGS) & set(kernels.skinny_configs(1, to_peers=True) + kernels.skinny_configs(2))
 for cfg in kernels.GEMV_CONFIGS[:2] + (("gemv", 8, 64, 4),):
     x, w = torch.randn(1, 300), torch.randn(90, 300)
     for out_dtype, relu2 in ((torch.float32, False), (torch.float32, True)):

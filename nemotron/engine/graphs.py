@@ -87,7 +87,6 @@ class FusedDecoder:
     def __init__(self, model: NemotronModel, num_layers: Optional[int] = None):
         self.model = model
         self.first, self.last = model.ps.is_first_stage, model.ps.is_last_stage
-        self.tp = model.ps.tp_size > 1  # the matmuls' kernel choice differs inside a TP step (kernels.GEMV_CONFIGS)
         self.layers = list(model.decoder.layers)[:num_layers]  # this stage's layers only (model.py)
         self._gammas: Dict[int, Tuple[int, torch.Tensor, torch.Tensor]] = {}
         norms = []
@@ -146,7 +145,7 @@ class FusedDecoder:
             return out.copy_(resid) if delta is None else torch.add(resid, delta.to(resid.dtype), out=out)
         fin = m.decoder.final_layernorm
         _, logits = add_layer_norm_linear(resid, delta, self.gamma(fin.weight, fin.zero_centered), fin.bias,
-                                          fin.eps, m.output_layer.weight, tensor_parallel=self.tp)
+                                          fin.eps, m.output_layer.weight)
         logits = all_gather_last_dim(logits, m.ps.tp_group)
         if out is None:
             return logits.float()
@@ -163,14 +162,14 @@ class FusedDecoder:
         qkv_lin, fc1 = att.linear_qkv, mlp.linear_fc1
         resid, qkv = add_layer_norm_linear(                                     # qkv [n, ng*(hpg+2)*hn]
             resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
-            qkv_lin.layer_norm_bias, qkv_lin.eps, qkv_lin.weight, tensor_parallel=self.tp)
+            qkv_lin.layer_norm_bias, qkv_lin.eps, qkv_lin.weight)
         ck, cv = cache.k[i], cache.v[i]
         q = rope_to_cache(qkv, cos, sin, positions, slots, ck, cv, att.groups, att.heads_per_group, att.head_dim)
         o = decode_attention(q, ck, cv, positions, slots, kv_len)               # [n, ng, hpg, hn]
         delta = self._row_parallel(att.linear_proj, o.reshape(n, -1))
         resid, act = add_layer_norm_linear(                                     # relu^2(fc1) [n, ffn/tp]
             resid, delta, self.gamma(fc1.layer_norm_weight, fc1.zero_centered_gamma), fc1.layer_norm_bias,
-            fc1.eps, fc1.weight, relu2=True, tensor_parallel=self.tp)
+            fc1.eps, fc1.weight, relu2=True)
         delta = self._row_parallel(mlp.linear_fc2, act)
         return resid, delta
 
@@ -193,8 +192,7 @@ class FusedDecoder:
             self._sums += 1
             return decode_linear_to_peers(x, lin.weight, target)
         fp32_sum = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        return all_reduce(decode_linear(x, lin.weight, out_dtype=torch.float32 if fp32_sum else None,
-                                        tensor_parallel=True), lin.group)
+        return all_reduce(decode_linear(x, lin.weight, out_dtype=torch.float32 if fp32_sum else None), lin.group)
 
 
 # --- Graphs --------------------------------------------------------------------------------------------------

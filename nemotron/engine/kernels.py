@@ -594,14 +594,15 @@ SKINNY_MAX_ROWS = 64
 #: For one row outside tensor parallelism also ("gemv", BLOCK_N, BLOCK_K, num_warps): the CUDA-core
 #: kernel, a few rows of W per program. A K block's loads are all issued before its multiply-adds wait on them, so
 #: wide K blocks (up to a whole 4096-wide row) keep more bytes in flight. On an H100 it made the bench-8b batch-1 step
-#: 6 % faster on one GPU, but the TP2 and TP4 steps slower, though each product timed faster alone (the timer cannot
-#: see it: docs/benchmarks.md, seventh round), so TP steps are not offered it.
+#: 6 % faster on one GPU, and the TP4 step 6 % faster (docs/benchmarks.md, seventh and eighth rounds). Products
+#: pushed to the peer exchange are not offered it: each of its many programs would pay a system-scope fence there
+#: (`_signal`), which made the TP4 step slower though each product timed faster alone.
 GEMV_CONFIGS = (("gemv", 2, 2048, 4), ("gemv", 2, 4096, 8), ("gemv", 4, 1024, 4), ("gemv", 4, 2048, 8),
                 ("gemv", 8, 512, 4), ("gemv", 8, 1024, 8), ("gemv", 16, 512, 8))
 
 
-def skinny_configs(rows: int, tensor_parallel: bool = False):
-    if rows == 1 and not tensor_parallel:
+def skinny_configs(rows: int, to_peers: bool = False):
+    if rows == 1 and not to_peers:
         return SKINNY_CONFIGS + GEMV_CONFIGS
     return SKINNY_CONFIGS if rows <= 16 else SKINNY_CONFIGS_WIDE
 
@@ -618,7 +619,7 @@ skinny_errors: Dict[str, str] = {}
 def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None):
     """y = x @ w^T [relu^2] with config cfg; with a target, y (None then) goes to the peer exchange instead."""
     if cfg[0] == "gemv":
-        assert target is None, "the CUDA-core kernel does not push to the peers"
+        assert target is None, "the CUDA-core kernel does not push to the peers (skinny_configs)"
         return _gemv_launch(x, w, y, relu2, cfg)
     bn, bk, warps, stages = cfg[:4]
     M, K = x.shape
@@ -701,16 +702,16 @@ def matmul_mode() -> str:
     return env_switch("NEMOTRON_DECODE_MATMUL", ("auto", "cublas", "triton"), "auto")
 
 
-def _pick_skinny(x, w, out_dtype, relu2, tensor_parallel) -> Optional[Tuple]:
+def _pick_skinny(x, w, out_dtype, relu2, to_peers) -> Optional[Tuple]:
     """Time cuBLAS and each config on these very tensors (outside any graph capture); None means cuBLAS."""
     mode = matmul_mode()
     if mode == "cublas":
         return None
     if not x.is_cuda:  # Triton's interpreter (CPU tests): always the kernel, first config
-        return skinny_configs(x.shape[0], tensor_parallel)[0]
+        return skinny_configs(x.shape[0], to_peers)[0]
     y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
     times = {"cublas": graph_time_ms(lambda: _cublas(x, w, out_dtype, relu2))}
-    configs = skinny_configs(x.shape[0], tensor_parallel)
+    configs = skinny_configs(x.shape[0], to_peers)
     for cfg in configs:
         try:
             times[str(cfg)] = graph_time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
@@ -733,13 +734,12 @@ def _cublas(x, w, out_dtype, relu2):
 
 
 def decode_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
-                  relu2: bool = False, tensor_parallel: bool = False) -> torch.Tensor:
+                  relu2: bool = False) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T -> [M, N] in out_dtype (default x's; float32 keeps TP partial sums unrounded), then
     relu^2 if asked. For M <= 64 on CUDA, whichever of cuBLAS and the skinny Triton kernel (per config) was
-    faster on first use of this shape runs from then on (NEMOTRON_DECODE_MATMUL=cublas|triton pins it).
-    tensor_parallel: the product is part of a TP step (which is not offered the CUDA-core configs)."""
+    faster on first use of this shape runs from then on (NEMOTRON_DECODE_MATMUL=cublas|triton pins it)."""
     out_dtype = out_dtype or x.dtype
-    cfg = _matmul_choice(x, w, out_dtype, relu2, tensor_parallel)
+    cfg = _matmul_choice(x, w, out_dtype, relu2)
     if cfg is None:
         return _cublas(x, w, out_dtype, relu2)
     y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
@@ -751,7 +751,7 @@ def decode_linear_to_peers(x: torch.Tensor, w: torch.Tensor, target: PeerSum) ->
     """This rank's part of a row-parallel product, x [M, K] @ w[N, K]^T in float32, pushed into the peer
     exchange as `target` (the skinny kernel's epilogue does it; after cuBLAS a small kernel does)."""
     assert target.shape == (x.shape[0], w.shape[0]) and can_exchange(x)
-    cfg = _matmul_choice(x, w, torch.float32, False, tensor_parallel=True)
+    cfg = _matmul_choice(x, w, torch.float32, False, to_peers=True)
     if cfg is None:
         _push_launch(_cublas(x, w, torch.float32, False), target)
     else:
@@ -759,15 +759,15 @@ def decode_linear_to_peers(x: torch.Tensor, w: torch.Tensor, target: PeerSum) ->
     return target
 
 
-def _matmul_choice(x, w, out_dtype, relu2, tensor_parallel) -> Optional[Tuple]:
+def _matmul_choice(x, w, out_dtype, relu2, to_peers: bool = False) -> Optional[Tuple]:
     """The skinny kernel's config for this product, or None for cuBLAS (timed once per shape, outside captures)."""
     if not _use_triton(x) or x.shape[0] > SKINNY_MAX_ROWS or (relu2 and out_dtype != x.dtype):
         return None
-    key = (x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2, x.device, tensor_parallel)
+    key = (x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2, x.device, to_peers)
     if key not in _skinny_choice:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return None  # never time inside a capture (warm-up runs first)
-        _skinny_choice[key] = _pick_skinny(x, w, out_dtype, relu2, tensor_parallel)
+        _skinny_choice[key] = _pick_skinny(x, w, out_dtype, relu2, to_peers)
     assert x.stride(1) == 1 and w.stride(1) == 1
     return _skinny_choice[key]
 
@@ -849,8 +849,8 @@ def _ln_launch(x, delta, s, gamma, beta, eps, w, y, relu2, cfg):
 
 
 def add_layer_norm_linear(x: torch.Tensor, delta: Delta, gamma: torch.Tensor,
-                          beta: torch.Tensor, eps: float, w: torch.Tensor, relu2: bool = False,
-                          tensor_parallel: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                          beta: torch.Tensor, eps: float, w: torch.Tensor,
+                          relu2: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """`add_layer_norm` then `decode_linear` (same results): (s = x + delta, LayerNorm(s) @ w^T [relu^2]).
     For one or two rows on CUDA the LayerNorm runs in the matmul's prologue (one launch instead of two) when
     that was faster for this weight on first use. Not for a pending peer sum: every program would reread all
@@ -862,10 +862,10 @@ def add_layer_norm_linear(x: torch.Tensor, delta: Delta, gamma: torch.Tensor,
 
     def unfused():
         s, h = add_layer_norm(x, delta, gamma, beta, eps)
-        return s, decode_linear(h, w, relu2=relu2, tensor_parallel=tensor_parallel)
+        return s, decode_linear(h, w, relu2=relu2)
     if not fusable:
         return unfused()
-    key = (M, tuple(w.shape), w.dtype, relu2, delta is None, x.dtype, x.device, tensor_parallel)
+    key = (M, tuple(w.shape), w.dtype, relu2, delta is None, x.dtype, x.device)
     if key not in _ln_choice:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return unfused()
