@@ -591,12 +591,12 @@ SKINNY_CONFIGS_WIDE = ((64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 1
                        (128, 128, 8, 3, 2), (128, 128, 8, 3, 4), (128, 64, 4, 4, 4), (256, 64, 8, 3, 4),
                        (64, 128, 4, 3, 4))
 SKINNY_MAX_ROWS = 64
-#: For one row also ("gemv", BLOCK_N, BLOCK_K, num_warps): the CUDA-core
-#: kernel, a few rows of W per program. A K block's loads are all issued before its multiply-adds wait on them, so
-#: wide K blocks (up to a whole 4096-wide row) keep more bytes in flight. On an H100 it made the bench-8b batch-1 step
-#: 6 % faster on one GPU, and the TP4 step 6 % faster (docs/benchmarks.md, seventh and eighth rounds). Products
-#: pushed to the peer exchange are not offered it: each of its many programs would pay a system-scope fence there
-#: (`_signal`), which made the TP4 step slower though each product timed faster alone.
+#: For one row also ("gemv", BLOCK_N, BLOCK_K, num_warps): the CUDA-core kernel, a few rows of W per program. A K
+#: block's loads are all issued before its multiply-adds wait on them, so wide K blocks (up to a whole 4096-wide row)
+#: keep more bytes in flight. On an H100 it made the bench-8b batch-1 step 6 % faster on one GPU, and the TP4 step 6 %
+#: faster (docs/benchmarks.md, seventh and eighth rounds). Products pushed to the peer exchange are not offered it:
+#: each of its many programs would pay a system-scope fence there (`_signal`), which made the TP4 step slower though
+#: each product timed faster alone.
 GEMV_CONFIGS = (("gemv", 2, 2048, 4), ("gemv", 2, 4096, 8), ("gemv", 4, 1024, 4), ("gemv", 4, 2048, 8),
                 ("gemv", 8, 512, 4), ("gemv", 8, 1024, 8), ("gemv", 16, 512, 8))
 
