@@ -1,12 +1,12 @@
 """The peer exchange's kernels with three simulated ranks in one process (tests/test_kernels_cpu.py runs it in
 Triton's interpreter, tests/test_gpu.py on a GPU).
 
-Each rank's exchange data and flags are ordinary tensors; every rank's producer writes through the address tables
-into all of them, as it writes into its peers' memory over NVLink on a multi-GPU host. Producers push their parts
-and raise the flags. Consumers add the parts in rank order: the sum alone, add+LayerNorm (parts added in its own
-program, or by `sum_parts` first), and add+LayerNorm before the next matmul. Each must match the same kernels
-given the summed tensor, bit for bit. Every producer path (skinny kernel, split-K reduction, cuBLAS + push
-kernel), both regions, two steps (epochs).
+Each rank's exchange words are an ordinary tensor; every rank's producer writes through the address table into
+all of them, as it writes into its peers' memory over NVLink on a multi-GPU host. Producers push their parts, each
+value with the sum's flag in one word. Consumers add the parts in rank order: the sum alone, add+LayerNorm (parts
+added in its own program, or by `sum_parts` first), and add+LayerNorm before the next matmul. Each must match the
+same kernels given the summed tensor, bit for bit. Every producer path (skinny kernel, split-K reduction, cuBLAS +
+push kernel, the one-row CUDA-core kernel), both regions, two steps (epochs).
 """
 import torch
 import torch.nn.functional as F
@@ -23,14 +23,12 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device)
 
-    datas = [torch.full((2, TP, SLOT), float("nan"), device=device) for _ in range(TP)]
-    flags = [torch.zeros(2, TP, dtype=torch.int32, device=device) for _ in range(TP)]
-    xchs = [PeerExchange(r, TP, datas[r], flags[r], [d.data_ptr() for d in datas], [f.data_ptr() for f in flags])
-            for r in range(TP)]
+    datas = [torch.zeros(2, TP, SLOT, dtype=torch.int64, device=device) for _ in range(TP)]
+    xchs = [PeerExchange(r, TP, datas[r], [d.data_ptr() for d in datas]) for r in range(TP)]
     # (rows, columns, K, how): the skinny kernel pushes from its epilogue; split K, the reduction kernel pushes;
-    # cuBLAS's product is pushed by its own kernel
+    # cuBLAS's product is pushed by its own kernel; for one row, the CUDA-core kernel pushes
     cases = [(4, 48, 40, (16, 32, 4, 2)), (2, 40, 96, (16, 32, 4, 2, 3)), (5, 40, 8, "cublas"),
-             (2, 40, 24, (32, 16, 4, 2))]
+             (2, 40, 24, (32, 16, 4, 2)), (1, 40, 300, ("gemv", 8, 64, 4)), (1, 40, 24, (16, 32, 4, 2))]
     for _step in range(2):
         for xch in xchs:
             xch.begin_step()
@@ -44,13 +42,13 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
                     kernels._skinny_launch(xs[r], ws[r], None, False, how, target)
             pending = [PeerSum(xch, call, M, N) for xch in xchs]
             region = call % 2
-            pushed = [datas[0][region, src, :M * N].view(M, N) for src in range(TP)]
-            for r in range(TP):  # every rank holds the same parts, each the right product
-                assert int(flags[r][region].min()) == int(xchs[r].epoch) * 1024 + call, "a flag is missing"
-                assert int(flags[r][region].max()) == int(xchs[r].epoch) * 1024 + call
-                assert int(xchs[r].ticket) == 0, "the last program resets the ticket"
+            words = [datas[r][region, :, :M * N] for r in range(TP)]  # [TP parts, M * N] on rank r
+            pushed = [(words[0][src] & 0xFFFFFFFF).to(torch.int32).view(torch.float32).view(M, N) for src in range(TP)]
+            for r in range(TP):  # every rank holds the same parts, each the right product, each word flagged
+                assert torch.equal(words[r] >> 32, torch.full_like(words[r], int(xchs[r].epoch) * 1024 + call))
+                assert not (datas[r][region, :, M * N:] >> 32).eq(int(xchs[r].epoch) * 1024 + call).any()
+                assert torch.equal(words[r], words[0])
                 for src in range(TP):
-                    assert torch.equal(datas[r][region, src, :M * N].view(M, N), pushed[src])
                     ref = xs[src].double() @ ws[src].double().t()
                     torch.testing.assert_close(pushed[src].double(), ref, rtol=1e-4, atol=1e-3)
             total = pushed[0] + pushed[1] + pushed[2]  # rank order, float32, as the kernels add them

@@ -32,17 +32,14 @@ ROWS, SLOT = 3, 4 * 1024
 def shared_exchange(ps, prefix: str) -> PeerExchange:
     """A PeerExchange over files: every rank of the TP group maps every rank's file (MAP_SHARED)."""
     world, rank = ps.tp_size, ps.tp_rank
-    data_bytes, total = PeerExchange.layout(world, SLOT)
+    total = PeerExchange.layout_bytes(world, SLOT)
     paths = [f"{prefix}.tp{r}" for r in range(world)]
     with open(paths[rank], "wb") as f:
         f.truncate(total)  # zeros
     dist.barrier(group=ps.tp_group)
     maps = [torch.from_file(p, shared=True, size=total, dtype=torch.uint8) for p in paths]
-    own = maps[rank]
-    data = own[:data_bytes].view(torch.float32).view(2, world, SLOT)
-    flags = own[data_bytes:].view(torch.int32).view(2, world)
-    bases = [m.data_ptr() for m in maps]
-    xch = PeerExchange(rank, world, data, flags, bases, [b + data_bytes for b in bases])
+    data = maps[rank].view(torch.int64).view(2, world, SLOT)
+    xch = PeerExchange(rank, world, data, [m.data_ptr() for m in maps])
     xch.maps = maps  # keep every mapping alive as long as the exchange
     return xch
 
@@ -89,7 +86,7 @@ def main():
     diff = max((float((a - b).abs().max()) for a, b in zip(logits_xch, logits_ar)), default=0.0)
     result = {"rank": ps.rank, "last_stage": ps.is_last_stage, "exchange_steps": steps, "tp": tp,
               "layers": len(model.decoder.layers),
-              "epoch_after_all_reduce_path": int(xch.epoch), "flags": xch.flags.tolist(),
+              "epoch_after_all_reduce_path": int(xch.epoch), "flags": [int((xch.data[r] >> 32).max()) for r in (0, 1)],
               "worst_exchange": worst_xch, "worst_all_reduce": worst_ar, "exchange_vs_all_reduce": diff}
     with open(f"{out}.rank{ps.rank}.json", "w") as f:
         json.dump(result, f)

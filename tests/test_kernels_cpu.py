@@ -100,9 +100,9 @@ for cfg in [(64, 32, 4, 2, 3), (32, 64, 4, 2, 2), (128, 16, 4, 2, 4)]:
         ref = x @ w.t()
         torch.testing.assert_close(y, ref.clamp(min=0) ** 2 if relu2 else ref, rtol=1e-5, atol=1e-4)
 
-# The one-row CUDA-core kernel (not offered to products pushed to the peers): N and K not multiples of its blocks
+# The one-row CUDA-core kernel: N and K not multiples of its blocks
 assert set(kernels.GEMV_CONFIGS) <= set(kernels.skinny_configs(1))
-assert not set(kernels.GEMV_CONFIGS) & set(kernels.skinny_configs(1, to_peers=True) + kernels.skinny_configs(2))
+assert not set(kernels.GEMV_CONFIGS) & set(kernels.skinny_configs(2))
 for cfg in kernels.GEMV_CONFIGS[:2] + (("gemv", 8, 64, 4),):
     x, w = torch.randn(1, 300), torch.randn(90, 300)
     for out_dtype, relu2 in ((torch.float32, False), (torch.float32, True)):
@@ -142,7 +142,7 @@ print("EXCHANGE-INTERPRET-OK")
 
 
 def test_peer_exchange_kernels_in_interpreter():
-    """Producers push their parts into every rank's exchange and raise the flags; consumers (the sum alone,
+    """Producers push their parts into every rank's exchange, each value flagged; consumers (the sum alone,
     add+LayerNorm, and add+LayerNorm fused into the next matmul) add the parts in rank order and match the
     plain-torch ops on the summed tensor: every producer path, both regions, two steps (epochs).
     tests/test_gpu.py runs the same check on a GPU."""

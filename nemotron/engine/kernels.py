@@ -65,66 +65,54 @@ if triton is not None:
         gdc_launch_dependents()
 
     # Partial sums through the peers' memory (nemotron.parallel.peer_allreduce.PeerExchange): a producer kernel
-    # pushes its float32 part to every rank and its last program raises this rank's flag there; a consumer waits
-    # for every rank's flag, then reads the parts from its own memory. Producer arguments start with X, consumer
-    # arguments with D; XTP / DTP = 0 compiles the plain kernel.
+    # stores each float32 value of its part on every rank together with the sum's flag value, as one 8-byte word; a
+    # consumer reads the words until each carries the flag, so no fence, ticket or separate flag is needed.
+    # Producer arguments start with X, consumer arguments with D; XTP / DTP = 0 compiles the plain kernel.
 
     @triton.jit
     def _flag_value(EPOCH, call):
         return tl.load(EPOCH) * 1024 + call
 
     @triton.jit
-    def _push(vals, offs, mask, XPTRS, x_data_off, XTP: tl.constexpr):
-        """Store this program's float32 tile at element offsets `offs` of this rank's part on every rank."""
+    def _push(vals, offs, mask, XPTRS, XEPOCH, x_call, x_data_off, XTP: tl.constexpr):
+        """Store this program's float32 values at element offsets `offs` of this rank's part on every rank, each
+        as one 8-byte word: the flag value in the high half, the value's bits in the low half."""
+        flag = _flag_value(XEPOCH, x_call).to(tl.int64) << 32
+        words = vals.to(tl.float32).to(tl.uint32, bitcast=True).to(tl.int64) | flag
         for dst in tl.static_range(XTP):
-            base = tl.load(XPTRS + dst).to(tl.pointer_type(tl.float32))
-            tl.store(base + x_data_off + offs, vals, mask=mask)
+            base = tl.load(XPTRS + dst).to(tl.pointer_type(tl.int64))
+            tl.store(base + x_data_off + offs, words, mask=mask)
 
     @triton.jit
-    def _signal(XFLAGPTRS, XTICKET, XEPOCH, x_call, x_flag_off, XTP: tl.constexpr, XTP2: tl.constexpr):
-        """After this program's pushes: the grid's last program to finish raises this rank's flag on every rank.
-        The barrier orders every thread's stores before the ticket's system-scope release; the last program's
-        acquire of the ticket then orders them all before its release of the flags. The flags are raised by one
-        thread per rank at once: each remote atomic is an NVLink round trip."""
-        tl.debug_barrier()
-        programs = tl.num_programs(0) * tl.num_programs(1)
-        ticket = tl.atomic_add(XTICKET, 1, sem="acq_rel", scope="sys")
-        if ticket == programs - 1:
-            tl.atomic_xchg(XTICKET, 0, sem="relaxed", scope="gpu")  # for the next producer, which runs after us
-            dst = tl.arange(0, XTP2)
-            flags = tl.load(XFLAGPTRS + dst, mask=dst < XTP, other=0).to(tl.pointer_type(tl.int32))
-            value = tl.zeros([XTP2], tl.int32) + _flag_value(XEPOCH, x_call)
-            tl.atomic_xchg(flags + x_flag_off, value, mask=dst < XTP, sem="release", scope="sys")
-
-    @triton.jit
-    def _wait_parts(DFLAGS, DEPOCH, d_call, DTP: tl.constexpr, DTP2: tl.constexpr):
-        """Spin until every rank's flag for this sum arrived (volatile loads, then an acquire of the flags so the
-        parts read afterwards are the ones written before them). After ~2^26 polls (tens of seconds: a peer is
-        gone) it gives up rather than hang the GPU, and the step computes garbage; the runtime's heartbeats
+    def _await_part(P, mask, want):
+        """The float32 values of one rank's part at P (1-D), once every live word carries the flag value `want`
+        (volatile loads: the peers write them while we poll). After ~2^26 polls (tens of seconds: a peer is gone)
+        it gives up rather than hang the GPU, and the step computes garbage; the runtime's heartbeats
         (nemotron.parallel.runtime) stop every rank when a peer dies."""
-        value = _flag_value(DEPOCH, d_call)
-        src = tl.arange(0, DTP2)
-        live = src < DTP
-        missing = tl.sum((tl.load(DFLAGS + src, mask=live, other=value, volatile=True) != value).to(tl.int32), 0)
+        words = tl.load(P, mask=mask, other=0, volatile=True)
+        late = tl.sum((((words >> 32).to(tl.int32) != want) & mask).to(tl.int32), 0)
         polls = 0
-        while (missing > 0) & (polls < 67108864):
-            seen = tl.load(DFLAGS + src, mask=live, other=value, volatile=True)
-            missing = tl.sum((seen != value).to(tl.int32), 0)
+        while (late > 0) & (polls < 67108864):
+            words = tl.load(P, mask=mask, other=0, volatile=True)
+            late = tl.sum((((words >> 32).to(tl.int32) != want) & mask).to(tl.int32), 0)
             polls += 1
-        tl.atomic_add(DFLAGS + src, tl.zeros([DTP2], tl.int32), mask=live, sem="acquire", scope="sys")
-        tl.debug_barrier()
+        return words.to(tl.int32).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _load_delta(D, offs, mask, d_part_stride, DTP: tl.constexpr):
-        """The float32 delta at `offs`: D itself (DTP = 0), or the sum of the DTP parts in rank order."""
-        acc = tl.load(D + offs, mask=mask, other=0.0).to(tl.float32)
-        for src in tl.static_range(1, DTP):
-            acc += tl.load(D + src * d_part_stride + offs, mask=mask, other=0.0)
+    def _load_delta(D, offs, mask, d_part_stride, DEPOCH, d_call, DTP: tl.constexpr):
+        """The float32 delta at `offs` (1-D): D itself (DTP = 0), or the sum of the DTP parts in rank order."""
+        if DTP == 0:  # (an if/else: Triton compiles the code after a constexpr branch's return too)
+            acc = tl.load(D + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            want = _flag_value(DEPOCH, d_call)
+            acc = _await_part(D + offs, mask, want)
+            for src in tl.static_range(1, DTP):
+                acc += _await_part(D + src * d_part_stride + offs, mask, want)
         return acc
 
     @triton.jit
-    def _push_kernel(Y, M, N, XPTRS, XFLAGPTRS, XTICKET, XEPOCH, x_call, x_data_off, x_flag_off,
-                     XTP: tl.constexpr, XTP2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _push_kernel(Y, M, N, XPTRS, XEPOCH, x_call, x_data_off, XTP: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
         """Program (row m, block of columns): push y[m, cols] (float32, e.g. cuBLAS's product) to every rank."""
         if PDL:
             _pdl_enter()
@@ -132,20 +120,19 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = cols < N
         y = tl.load(Y + m * N + cols, mask=live, other=0.0)
-        _push(y, m * N + cols, live, XPTRS, x_data_off, XTP)
-        _signal(XFLAGPTRS, XTICKET, XEPOCH, x_call, x_flag_off, XTP, XTP2)
+        _push(y, m * N + cols, live, XPTRS, XEPOCH, x_call, x_data_off, XTP)
 
     @triton.jit
-    def _sum_parts_kernel(OUT, N, D, DFLAGS, DEPOCH, d_call, d_part_stride, DTP: tl.constexpr,
-                          DTP2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """Program (row m, block of columns): out[m, cols] = the parts' sum (float32)."""
+    def _sum_parts_kernel(OUT, N, D, DEPOCH, d_call, d_part_stride, DTP: tl.constexpr, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr):
+        """Program (row m, block of columns): out[m, cols] = the parts' sum (float32), once they arrived."""
         if PDL:
             _pdl_enter()
-        _wait_parts(DFLAGS, DEPOCH, d_call, DTP, DTP2)
         m = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = cols < N
-        tl.store(OUT + m * N + cols, _load_delta(D, m * N + cols, live, d_part_stride, DTP), mask=live)
+        delta = _load_delta(D, m * N + cols, live, d_part_stride, DEPOCH, d_call, DTP)
+        tl.store(OUT + m * N + cols, delta, mask=live)
 
     @triton.jit
     def _add_rounded(x, d, ACT):
@@ -168,20 +155,18 @@ if triton is not None:
         return (yf * yf).to(y.dtype)
 
     @triton.jit
-    def _add_ln_kernel(X, D, R, Y, G, Bias, N, eps, DFLAGS, DEPOCH, d_call, d_part_stride, HAS_D: tl.constexpr,
-                       DTP: tl.constexpr, DTP2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _add_ln_kernel(X, D, R, Y, G, Bias, N, eps, DEPOCH, d_call, d_part_stride, HAS_D: tl.constexpr,
+                       DTP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One row: s = x + d (rounded to the activation dtype, as eager does), y = LayerNorm(s) * g + b.
         DTP > 0: d is the sum of the parts in the peer exchange."""
         if PDL:
             _pdl_enter()
-        if DTP > 0:
-            _wait_parts(DFLAGS, DEPOCH, d_call, DTP, DTP2)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         m = offs < N
         x = tl.load(X + row * N + offs, mask=m, other=0.0)
         if HAS_D:  # d may be the TP all-reduce's float32 sum
-            s = _add_rounded(x, _load_delta(D, row * N + offs, m, d_part_stride, DTP), R)
+            s = _add_rounded(x, _load_delta(D, row * N + offs, m, d_part_stride, DEPOCH, d_call, DTP), R)
             tl.store(R + row * N + offs, s, mask=m)
             xf = s.to(tl.float32)
         else:
@@ -246,14 +231,14 @@ def _delta_args(delta: Delta, x: torch.Tensor) -> dict:
     """A consumer kernel's D arguments: a tensor, none (x stands in), or a pending peer sum."""
     if isinstance(delta, PeerSum):
         return delta.consumer_args()
-    return dict(D=x if delta is None else delta, DFLAGS=x, DEPOCH=x, d_call=0, d_part_stride=0, DTP=0, DTP2=1)
+    return dict(D=x if delta is None else delta, DEPOCH=x, d_call=0, d_part_stride=0, DTP=0)
 
 
 def _producer_args(target: Optional[PeerSum], y: torch.Tensor) -> dict:
     """A producer kernel's X arguments: a peer sum to push to, or none (y stands in)."""
     if target is not None:
         return target.producer_args()
-    return dict(XPTRS=y, XFLAGPTRS=y, XTICKET=y, XEPOCH=y, x_call=0, x_data_off=0, x_flag_off=0, XTP=0, XTP2=1)
+    return dict(XPTRS=y, XEPOCH=y, x_call=0, x_data_off=0, XTP=0)
 
 
 def can_exchange(x: torch.Tensor) -> bool:
@@ -493,9 +478,9 @@ def _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg):
 if triton is not None:
     @triton.jit
     def _skinny_mm_kernel(X, W, Y, PART, M, N, K, k_chunk, stride_x, stride_w, stride_y,
-                          XPTRS, XFLAGPTRS, XTICKET, XEPOCH, x_call, x_data_off, x_flag_off, RELU2: tl.constexpr,
+                          XPTRS, XEPOCH, x_call, x_data_off, RELU2: tl.constexpr,
                           IEEE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, XTP: tl.constexpr, XTP2: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_K: tl.constexpr, XTP: tl.constexpr, PDL: tl.constexpr):
         """y[:M, tile] = x[:M] @ W[tile]^T for one BLOCK_N tile of W's rows, streaming W once (the step's M <= 64
         rows ride along in one padded tensor-core tile). RELU2: y = relu(round(y))^2, the MLP's activation.
         SPLIT_K > 1: program (tile, s) sums only K range [s*k_chunk, (s+1)*k_chunk) into PART[s] (float32), and
@@ -523,8 +508,7 @@ if triton is not None:
                 acc += tl.dot(x, tl.trans(w))
         out_mask = x_mask & (rn[None, :] < N)
         if XTP > 0:
-            _push(acc, rm[:, None] * N + rn[None, :], out_mask, XPTRS, x_data_off, XTP)
-            _signal(XFLAGPTRS, XTICKET, XEPOCH, x_call, x_flag_off, XTP, XTP2)
+            _push(acc, rm[:, None] * N + rn[None, :], out_mask, XPTRS, XEPOCH, x_call, x_data_off, XTP)
         elif SPLIT_K == 1:
             y = acc.to(Y.dtype.element_ty)
             if RELU2:
@@ -535,9 +519,8 @@ if triton is not None:
             tl.store(part, acc, mask=out_mask)
 
     @triton.jit
-    def _splitk_reduce(PART, Y, M, N, stride_y, XPTRS, XFLAGPTRS, XTICKET, XEPOCH, x_call, x_data_off, x_flag_off,
-                       RELU2: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, XTP: tl.constexpr,
-                       XTP2: tl.constexpr, PDL: tl.constexpr):
+    def _splitk_reduce(PART, Y, M, N, stride_y, XPTRS, XEPOCH, x_call, x_data_off, RELU2: tl.constexpr,
+                       SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, XTP: tl.constexpr, PDL: tl.constexpr):
         """Program (row m, block of columns): y = sum over s of PART[s, m] in order, then the epilogue (or, with
         XTP > 0, the push to the peer exchange)."""
         if PDL:
@@ -549,8 +532,7 @@ if triton is not None:
         for sk in range(SPLIT_K):
             total += tl.load(PART + (sk * M + m).to(tl.int64) * N + cols, mask=live, other=0.0)
         if XTP > 0:
-            _push(total, m * N + cols, live, XPTRS, x_data_off, XTP)
-            _signal(XFLAGPTRS, XTICKET, XEPOCH, x_call, x_flag_off, XTP, XTP2)
+            _push(total, m * N + cols, live, XPTRS, XEPOCH, x_call, x_data_off, XTP)
         else:
             y = total.to(Y.dtype.element_ty)
             if RELU2:
@@ -558,12 +540,12 @@ if triton is not None:
             tl.store(Y + m * stride_y + cols, y, mask=live)
 
     @triton.jit
-    def _gemv_kernel(X, W, Y, N, K, stride_w, RELU2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr):
+    def _gemv_kernel(X, W, Y, N, K, stride_w, XPTRS, XEPOCH, x_call, x_data_off, RELU2: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XTP: tl.constexpr, PDL: tl.constexpr):
         """y[0, tile] = x[0] @ W[tile]^T for one row on the CUDA cores. Without a tensor-core tile (16 rows of W at
         least) a program can own as few as 2-8 rows of W, so a weight spreads over several programs per SM, which
         keeps more loads in flight while the stream ramps up and drains. Each thread multiplies and adds along K;
-        the rows are summed across threads once, at the end."""
+        the rows are summed across threads once, at the end. XTP > 0: the float32 y goes to the peer exchange."""
         if PDL:
             _pdl_enter()
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -576,10 +558,13 @@ if triton is not None:
             x = tl.load(X + k0 + rk, mask=k_live, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + k0, mask=w_mask & k_live[None, :], other=0.0).to(tl.float32)
             acc += w * x[None, :]
-        y = tl.sum(acc, axis=1).to(Y.dtype.element_ty)
-        if RELU2:
-            y = _relu2(y)
-        tl.store(Y + rn, y, mask=rn < N)
+        if XTP > 0:
+            _push(tl.sum(acc, axis=1), rn, rn < N, XPTRS, XEPOCH, x_call, x_data_off, XTP)
+        else:
+            y = tl.sum(acc, axis=1).to(Y.dtype.element_ty)
+            if RELU2:
+                y = _relu2(y)
+            tl.store(Y + rn, y, mask=rn < N)
 
 
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per weight shape; the fastest (or cuBLAS) is kept.
@@ -594,15 +579,13 @@ SKINNY_MAX_ROWS = 64
 #: For one row also ("gemv", BLOCK_N, BLOCK_K, num_warps): the CUDA-core kernel, a few rows of W per program. A K
 #: block's loads are all issued before its multiply-adds wait on them, so wide K blocks (up to a whole 4096-wide row)
 #: keep more bytes in flight. On an H100 it made the bench-8b batch-1 step 6 % faster on one GPU, and the TP4 step 6 %
-#: faster (docs/benchmarks.md, seventh and eighth rounds). Products pushed to the peer exchange are not offered it:
-#: each of its many programs would pay a system-scope fence there (`_signal`), which made the TP4 step slower though
-#: each product timed faster alone.
+#: faster (docs/benchmarks.md, seventh and eighth rounds). Here it may also push to the peers (no fence to pay).
 GEMV_CONFIGS = (("gemv", 2, 2048, 4), ("gemv", 2, 4096, 8), ("gemv", 4, 1024, 4), ("gemv", 4, 2048, 8),
                 ("gemv", 8, 512, 4), ("gemv", 8, 1024, 8), ("gemv", 16, 512, 8))
 
 
-def skinny_configs(rows: int, to_peers: bool = False):
-    if rows == 1 and not to_peers:
+def skinny_configs(rows: int):
+    if rows == 1:
         return SKINNY_CONFIGS + GEMV_CONFIGS
     return SKINNY_CONFIGS if rows <= 16 else SKINNY_CONFIGS_WIDE
 
@@ -619,8 +602,7 @@ skinny_errors: Dict[str, str] = {}
 def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None):
     """y = x @ w^T [relu^2] with config cfg; with a target, y (None then) goes to the peer exchange instead."""
     if cfg[0] == "gemv":
-        assert target is None, "the CUDA-core kernel does not push to the peers (skinny_configs)"
-        return _gemv_launch(x, w, y, relu2, cfg)
+        return _gemv_launch(x, w, y, relu2, cfg, target)
     bn, bk, warps, stages = cfg[:4]
     M, K = x.shape
     N = w.shape[0]
@@ -642,12 +624,14 @@ def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None):
             BLOCK=block, num_warps=4, **_producer_args(target, part), **_pdl(x))
 
 
-def _gemv_launch(x, w, y, relu2, cfg):
+def _gemv_launch(x, w, y, relu2, cfg, target: Optional[PeerSum]):
     _, bn, bk, warps = cfg
     N, K = w.shape
-    assert x.shape == (1, K) and y.shape == (1, N) and y.is_contiguous()
+    assert x.shape == (1, K) and (y is None or y.shape == (1, N) and y.is_contiguous())
+    y = y if y is not None else x  # pushing: no y
     _gemv_kernel[(triton.cdiv(N, bn),)](X=x, W=w, Y=y, N=N, K=K, stride_w=w.stride(0), RELU2=relu2, BLOCK_N=bn,
-                                        BLOCK_K=bk, num_warps=warps, num_stages=1, **_pdl(x))
+                                        BLOCK_K=bk, num_warps=warps, num_stages=1, **_producer_args(target, y),
+                                        **_pdl(x))
 
 
 def _push_launch(y: torch.Tensor, target: PeerSum) -> None:
@@ -702,16 +686,16 @@ def matmul_mode() -> str:
     return env_switch("NEMOTRON_DECODE_MATMUL", ("auto", "cublas", "triton"), "auto")
 
 
-def _pick_skinny(x, w, out_dtype, relu2, to_peers) -> Optional[Tuple]:
+def _pick_skinny(x, w, out_dtype, relu2) -> Optional[Tuple]:
     """Time cuBLAS and each config on these very tensors (outside any graph capture); None means cuBLAS."""
     mode = matmul_mode()
     if mode == "cublas":
         return None
     if not x.is_cuda:  # Triton's interpreter (CPU tests): always the kernel, first config
-        return skinny_configs(x.shape[0], to_peers)[0]
+        return skinny_configs(x.shape[0])[0]
     y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
     times = {"cublas": graph_time_ms(lambda: _cublas(x, w, out_dtype, relu2))}
-    configs = skinny_configs(x.shape[0], to_peers)
+    configs = skinny_configs(x.shape[0])
     for cfg in configs:
         try:
             times[str(cfg)] = graph_time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
@@ -751,7 +735,7 @@ def decode_linear_to_peers(x: torch.Tensor, w: torch.Tensor, target: PeerSum) ->
     """This rank's part of a row-parallel product, x [M, K] @ w[N, K]^T in float32, pushed into the peer
     exchange as `target` (the skinny kernel's epilogue does it; after cuBLAS a small kernel does)."""
     assert target.shape == (x.shape[0], w.shape[0]) and can_exchange(x)
-    cfg = _matmul_choice(x, w, torch.float32, False, to_peers=True)
+    cfg = _matmul_choice(x, w, torch.float32, False)
     if cfg is None:
         _push_launch(_cublas(x, w, torch.float32, False), target)
     else:
@@ -759,15 +743,15 @@ def decode_linear_to_peers(x: torch.Tensor, w: torch.Tensor, target: PeerSum) ->
     return target
 
 
-def _matmul_choice(x, w, out_dtype, relu2, to_peers: bool = False) -> Optional[Tuple]:
+def _matmul_choice(x, w, out_dtype, relu2) -> Optional[Tuple]:
     """The skinny kernel's config for this product, or None for cuBLAS (timed once per shape, outside captures)."""
     if not _use_triton(x) or x.shape[0] > SKINNY_MAX_ROWS or (relu2 and out_dtype != x.dtype):
         return None
-    key = (x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2, x.device, to_peers)
+    key = (x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2, x.device)
     if key not in _skinny_choice:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return None  # never time inside a capture (warm-up runs first)
-        _skinny_choice[key] = _pick_skinny(x, w, out_dtype, relu2, to_peers)
+        _skinny_choice[key] = _pick_skinny(x, w, out_dtype, relu2)
     assert x.stride(1) == 1 and w.stride(1) == 1
     return _skinny_choice[key]
 

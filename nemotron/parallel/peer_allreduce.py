@@ -3,9 +3,9 @@
 Two paths, both on PyTorch's symmetric memory:
 * `PeerAllReduce`: an out-of-place all-reduce as one kernel (torch's `one_shot_all_reduce_copy_out`).
 * `PeerExchange`: no all-reduce kernel at all. The row-parallel matmul that makes a partial sum writes it
-  straight into every rank's exchange buffer (its epilogue) and raises a flag there; the next kernel (the
-  add+LayerNorm that consumes the sum) waits for the flags and adds the parts itself. A decode step's fused
-  kernels use it (nemotron.engine.kernels); this module only owns the memory.
+  straight into every rank's exchange buffer (its epilogue), each value in one word with the sum's flag; the next
+  kernel (the add+LayerNorm that consumes the sum) reads the words until all carry the flag and adds the parts
+  itself. A decode step's fused kernels use it (nemotron.engine.kernels); this module only owns the memory.
 
 A decode step all-reduces a [batch, hidden] activation twice per layer. At that size NCCL's ring is all latency
 (13-17 us per call inside a CUDA graph on H100, ~1.1 ms of a 3.4 ms TP4 step). PyTorch's symmetric memory maps
@@ -64,55 +64,52 @@ class PeerAllReduce:
 
 
 class PeerExchange:
-    """Per rank: `data` [2 regions, tp parts, slot] float32 and `flags` [2 regions, tp] int32, both readable and
-    writable by every rank of the group (`data_ptrs` / `flag_ptrs`: each rank's addresses, on the device).
+    """Per rank: `data` [2 regions, tp parts, slot] int64, readable and writable by every rank of the group
+    (`data_ptrs`: each rank's address, on the device). Each word holds one float32 value of a part in its low half
+    and the flag value of the sum it belongs to in its high half, written with one 8-byte store, so a reader that
+    sees the flag sees the value: no fence, no separate flag and no counter of finished programs (NCCL's LL
+    protocol works the same way). Against raising a flag after a system-scope fence it made the bench-8b TP2 step
+    12 % faster on two H200s, but the TP4 step 5 % slower on four (docs/benchmarks.md, eighth round): unfinished.
 
     A decode step numbers its row-parallel sums 0, 1, 2, ... (`target(call, ...)`); sum `call` uses region
-    call % 2. Its producer, on every rank, writes its part into part[rank] of that region on every rank, then
-    sets flags[region][rank] there to `flag value` = epoch * 1024 + call; a consumer waits until its local
-    flags[region] all hold that value and adds the parts in rank order (so every rank gets the same bits).
-    `epoch` counts decode steps on the device (`begin_step`, inside the graphs too), so a flag left from an
-    earlier step never matches. Two regions suffice: a rank can only write a region again after every peer's
-    flag for the call in between reached it, and a peer raises that flag only after it has consumed the region.
-    A step must therefore make an even number of sums (two per layer), so consecutive steps alternate too.
-    `ticket` counts the producer's finished programs; the last one raises the flags.
+    call % 2 and flag value epoch * 1024 + call. Its producer, on every rank, writes its part into part[rank] of
+    that region on every rank; a consumer reads its local region until every word it needs carries the flag value
+    and adds the parts in rank order (so every rank gets the same bits). `epoch` counts decode steps on the device
+    (`begin_step`, inside the graphs too), so a word left from an earlier step never matches. Two regions suffice:
+    a rank can only write a region again after it has read every peer's part of the call in between, and a peer
+    writes that part only after it has consumed the region. A step must therefore make an even number of sums
+    (two per layer), so consecutive steps alternate too.
     """
 
-    def __init__(self, rank: int, world: int, data: torch.Tensor, flags: torch.Tensor,
-                 data_ptrs: Sequence[int], flag_ptrs: Sequence[int]):
+    def __init__(self, rank: int, world: int, data: torch.Tensor, data_ptrs: Sequence[int]):
+        assert data.dtype == torch.int64 and data.shape[:2] == (2, world), (data.dtype, data.shape)
         self.rank, self.world = rank, world
-        self.data, self.flags = data, flags  # this rank's: [2, world, slot] float32, [2, world] int32
+        self.data = data  # this rank's [2, world, slot] words
         self.slot = data.shape[2]
         device = data.device
         self.data_ptrs = torch.tensor(list(data_ptrs), dtype=torch.int64, device=device)
-        self.flag_ptrs = torch.tensor(list(flag_ptrs), dtype=torch.int64, device=device)
-        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
         self.epoch = torch.zeros(1, dtype=torch.int32, device=device)
 
     @staticmethod
-    def layout(world: int, slot_elems: int) -> Tuple[int, int]:
-        """Bytes of the data regions, and of the whole buffer (flags after the data)."""
-        data_bytes = 2 * world * slot_elems * 4
-        return data_bytes, data_bytes + 2 * world * 4
+    def layout_bytes(world: int, slot_elems: int) -> int:
+        """Bytes of one rank's buffer: 2 regions x world parts x slot words of 8 bytes."""
+        return 2 * world * slot_elems * 8
 
     @classmethod
-    def over_group(cls, group: dist.ProcessGroup, buffer: torch.Tensor, slot_bytes: int) -> "PeerExchange":
-        """Collective over `group`: maps every rank's `buffer` (`layout(world, slot_bytes // 4)[1]` bytes from
+    def over_group(cls, group: dist.ProcessGroup, buffer: torch.Tensor, slot_elems: int) -> "PeerExchange":
+        """Collective over `group`: maps every rank's `buffer` (`layout_bytes(world, slot_elems)` bytes from
         `symm_mem.empty`) into the others."""
         import torch.distributed._symmetric_memory as symm_mem
 
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        slot = slot_bytes // 4
-        data_bytes, total = cls.layout(world, slot)
+        total = cls.layout_bytes(world, slot_elems)
         assert buffer.numel() == total, (buffer.numel(), total)
-        buffer.zero_()  # flags start below any flag value; every rank zeroes before the rendezvous' barrier
+        buffer.zero_()  # flag 0 is below any flag value; every rank zeroes before the rendezvous' barrier
         handle = symm_mem.rendezvous(buffer, group.group_name)
         offset = buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
-        bases = [p + offset for p in handle.buffer_ptrs]
-        data = buffer[:data_bytes].view(torch.float32).view(2, world, slot)
-        flags = buffer[data_bytes:total].view(torch.int32).view(2, world)
+        data = buffer.view(torch.int64).view(2, world, slot_elems)
         torch.cuda.synchronize(buffer.device)
-        return cls(rank, world, data, flags, bases, [b + data_bytes for b in bases])
+        return cls(rank, world, data, [p + offset for p in handle.buffer_ptrs])
 
     def fits(self, rows: int, cols: int) -> bool:
         return rows * cols <= self.slot
@@ -146,21 +143,15 @@ class PeerSum:
         return self.rows, self.cols
 
     def producer_args(self) -> dict:
+        """XPTRS: every rank's buffer; x_data_off: this rank's part of the region there, in words."""
         x, r = self.xch, self.region
-        return dict(XPTRS=x.data_ptrs, XFLAGPTRS=x.flag_ptrs, XTICKET=x.ticket, XEPOCH=x.epoch,
-                    x_call=self.call, x_data_off=(r * x.world + x.rank) * x.slot, x_flag_off=r * x.world + x.rank,
-                    XTP=x.world, XTP2=_pow2(x.world))
+        return dict(XPTRS=x.data_ptrs, XEPOCH=x.epoch, x_call=self.call, x_data_off=(r * x.world + x.rank) * x.slot,
+                    XTP=x.world)
 
     def consumer_args(self) -> dict:
-        """D: part 0 of this rank's region (part s is `d_part_stride` elements further)."""
+        """D: part 0 of this rank's region (part s is `d_part_stride` words further)."""
         x, r = self.xch, self.region
-        return dict(D=x.data[r], DFLAGS=x.flags[r], DEPOCH=x.epoch, d_call=self.call, d_part_stride=x.slot,
-                    DTP=x.world, DTP2=_pow2(x.world))
-
-
-def _pow2(n: int) -> int:
-    """The kernels handle the ranks as one vector, whose length must be a power of two."""
-    return 1 << (n - 1).bit_length()
+        return dict(D=x.data[r], DEPOCH=x.epoch, d_call=self.call, d_part_stride=x.slot, DTP=x.world)
 
 
 def peer_switches() -> Tuple[str, str]:
@@ -189,7 +180,7 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
         if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
             raise RuntimeError("this PyTorch has no symm_mem.one_shot_all_reduce_copy_out")
         import torch.distributed._symmetric_memory as symm_mem
-        exchange_bytes = PeerExchange.layout(dist.get_world_size(group), max_bytes // 4)[1]
+        exchange_bytes = PeerExchange.layout_bytes(dist.get_world_size(group), max_bytes // 4)
         buffers = (symm_mem.empty(max_bytes, dtype=torch.uint8, device=device),
                    symm_mem.empty(exchange_bytes, dtype=torch.uint8, device=device) if want_exchange else None)
     except Exception as exc:
@@ -200,7 +191,7 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
         try:
             peer = PeerAllReduce(group, buffers[0])
             if want_exchange:
-                exchange = PeerExchange.over_group(group, buffers[1], max_bytes)
+                exchange = PeerExchange.over_group(group, buffers[1], max_bytes // 4)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
     # Every rank must take the same path in every decode step: on only if it is on everywhere.
