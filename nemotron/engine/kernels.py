@@ -84,30 +84,30 @@ if triton is not None:
             tl.store(base + x_data_off + offs, words, mask=mask)
 
     @triton.jit
-    def _await_part(P, mask, want):
-        """The float32 values of one rank's part at P (1-D), once every live word carries the flag value `want`
-        (volatile loads: the peers write them while we poll). After ~2^26 polls (tens of seconds: a peer is gone)
-        it gives up rather than hang the GPU, and the step computes garbage; the runtime's heartbeats
-        (nemotron.parallel.runtime) stop every rank when a peer dies."""
-        words = tl.load(P, mask=mask, other=0, volatile=True)
-        late = tl.sum((((words >> 32).to(tl.int32) != want) & mask).to(tl.int32), 0)
-        polls = 0
-        while (late > 0) & (polls < 67108864):
-            words = tl.load(P, mask=mask, other=0, volatile=True)
-            late = tl.sum((((words >> 32).to(tl.int32) != want) & mask).to(tl.int32), 0)
-            polls += 1
-        return words.to(tl.int32).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _load_delta(D, offs, mask, d_part_stride, DEPOCH, d_call, DTP: tl.constexpr):
-        """The float32 delta at `offs` (1-D): D itself (DTP = 0), or the sum of the DTP parts in rank order."""
+    def _load_delta(D, offs, mask, d_part_stride, DEPOCH, d_call, DTP: tl.constexpr, DTP2: tl.constexpr):
+        """The float32 delta at `offs` (1-D): D itself (DTP = 0), or the sum of the DTP parts in rank order, once
+        every live word of every part carries the sum's flag value. All parts are polled at once, as one
+        [offs, DTP2] tile (the volatile loads see the peers' stores as they land). After ~2^26 polls (tens of
+        seconds: a peer is gone) it gives up rather than hang the GPU, and the step computes garbage; the
+        runtime's heartbeats (nemotron.parallel.runtime) stop every rank when a peer dies."""
         if DTP == 0:  # (an if/else: Triton compiles the code after a constexpr branch's return too)
             acc = tl.load(D + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             want = _flag_value(DEPOCH, d_call)
-            acc = _await_part(D + offs, mask, want)
-            for src in tl.static_range(1, DTP):
-                acc += _await_part(D + src * d_part_stride + offs, mask, want)
+            src = tl.arange(0, DTP2)[None, :]
+            live = mask[:, None] & (src < DTP)
+            at = D + src * d_part_stride + offs[:, None]
+            words = tl.load(at, mask=live, other=0, volatile=True)
+            late = tl.sum(tl.sum((((words >> 32).to(tl.int32) != want) & live).to(tl.int32), 1), 0)
+            polls = 0
+            while (late > 0) & (polls < 67108864):
+                words = tl.load(at, mask=live, other=0, volatile=True)
+                late = tl.sum(tl.sum((((words >> 32).to(tl.int32) != want) & live).to(tl.int32), 1), 0)
+                polls += 1
+            vals = words.to(tl.int32).to(tl.float32, bitcast=True)
+            acc = tl.sum(tl.where(src == 0, vals, 0.0), 1)  # exact: one live value a row
+            for r in tl.static_range(1, DTP):
+                acc += tl.sum(tl.where(src == r, vals, 0.0), 1)
         return acc
 
     @triton.jit
@@ -123,15 +123,15 @@ if triton is not None:
         _push(y, m * N + cols, live, XPTRS, XEPOCH, x_call, x_data_off, XTP)
 
     @triton.jit
-    def _sum_parts_kernel(OUT, N, D, DEPOCH, d_call, d_part_stride, DTP: tl.constexpr, BLOCK: tl.constexpr,
-                          PDL: tl.constexpr):
+    def _sum_parts_kernel(OUT, N, D, DEPOCH, d_call, d_part_stride, DTP: tl.constexpr, DTP2: tl.constexpr,
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Program (row m, block of columns): out[m, cols] = the parts' sum (float32), once they arrived."""
         if PDL:
             _pdl_enter()
         m = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = cols < N
-        delta = _load_delta(D, m * N + cols, live, d_part_stride, DEPOCH, d_call, DTP)
+        delta = _load_delta(D, m * N + cols, live, d_part_stride, DEPOCH, d_call, DTP, DTP2)
         tl.store(OUT + m * N + cols, delta, mask=live)
 
     @triton.jit
@@ -156,7 +156,7 @@ if triton is not None:
 
     @triton.jit
     def _add_ln_kernel(X, D, R, Y, G, Bias, N, eps, DEPOCH, d_call, d_part_stride, HAS_D: tl.constexpr,
-                       DTP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                       DTP: tl.constexpr, DTP2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One row: s = x + d (rounded to the activation dtype, as eager does), y = LayerNorm(s) * g + b.
         DTP > 0: d is the sum of the parts in the peer exchange."""
         if PDL:
@@ -166,7 +166,7 @@ if triton is not None:
         m = offs < N
         x = tl.load(X + row * N + offs, mask=m, other=0.0)
         if HAS_D:  # d may be the TP all-reduce's float32 sum
-            s = _add_rounded(x, _load_delta(D, row * N + offs, m, d_part_stride, DEPOCH, d_call, DTP), R)
+            s = _add_rounded(x, _load_delta(D, row * N + offs, m, d_part_stride, DEPOCH, d_call, DTP, DTP2), R)
             tl.store(R + row * N + offs, s, mask=m)
             xf = s.to(tl.float32)
         else:
@@ -225,13 +225,18 @@ def _ln_warps(block: int) -> int:
     return 4 if block <= 4096 else (8 if block <= 8192 else 16)
 
 
+def _parts_warps(block: int, delta: Delta) -> int:
+    """Warps for a row kernel whose BLOCK columns may come as every rank's 8-byte words at once (a PeerSum)."""
+    return _ln_warps(block * 2 * delta.xch.world if isinstance(delta, PeerSum) else block)
+
+
 # --- Fused ops (Triton on CUDA, plain torch elsewhere) -------------------------------------------------------
 
 def _delta_args(delta: Delta, x: torch.Tensor) -> dict:
     """A consumer kernel's D arguments: a tensor, none (x stands in), or a pending peer sum."""
     if isinstance(delta, PeerSum):
         return delta.consumer_args()
-    return dict(D=x if delta is None else delta, DEPOCH=x, d_call=0, d_part_stride=0, DTP=0)
+    return dict(D=x if delta is None else delta, DEPOCH=x, d_call=0, d_part_stride=0, DTP=0, DTP2=1)
 
 
 def _producer_args(target: Optional[PeerSum], y: torch.Tensor) -> dict:
@@ -268,7 +273,7 @@ def add_layer_norm(x: torch.Tensor, delta: Delta, gamma: torch.Tensor, beta: tor
     y = torch.empty_like(x)
     _add_ln_kernel[(n,)](
         X=x, R=s, Y=y, G=gamma, Bias=beta, N=h, eps=eps, HAS_D=delta is not None, BLOCK=block,
-        num_warps=_ln_warps(block), **_delta_args(delta, x), **_pdl(x))
+        num_warps=_parts_warps(block, delta), **_delta_args(delta, x), **_pdl(x))
     return s, y
 
 
@@ -277,7 +282,8 @@ def sum_parts(pending: PeerSum) -> torch.Tensor:
     rows, cols = pending.shape
     out = torch.empty(rows, cols, dtype=torch.float32, device=pending.xch.data.device)
     block = min(1024, triton.next_power_of_2(cols))
-    _sum_parts_kernel[(rows, triton.cdiv(cols, block))](OUT=out, N=cols, BLOCK=block, num_warps=4,
+    _sum_parts_kernel[(rows, triton.cdiv(cols, block))](OUT=out, N=cols, BLOCK=block,
+                                                         num_warps=_parts_warps(block, pending),
                                                          **pending.consumer_args(), **_pdl(out))
     return out
 

@@ -151,7 +151,8 @@ class PeerSum:
     def consumer_args(self) -> dict:
         """D: part 0 of this rank's region (part s is `d_part_stride` words further)."""
         x, r = self.xch, self.region
-        return dict(D=x.data[r], DEPOCH=x.epoch, d_call=self.call, d_part_stride=x.slot, DTP=x.world)
+        return dict(D=x.data[r], DEPOCH=x.epoch, d_call=self.call, d_part_stride=x.slot, DTP=x.world,
+                    DTP2=1 << (x.world - 1).bit_length())  # the parts as one tile: a power of two
 
 
 def peer_switches() -> Tuple[str, str]:
