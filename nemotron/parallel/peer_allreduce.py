@@ -89,6 +89,7 @@ class PeerExchange:
         device = data.device
         self.data_ptrs = torch.tensor(list(data_ptrs), dtype=torch.int64, device=device)
         self.epoch = torch.zeros(1, dtype=torch.int32, device=device)
+        self.rehearsal_epoch = torch.full((1,), -1, dtype=torch.int32, device=device)  # see PeerSum.rehearsal
 
     @staticmethod
     def layout_bytes(world: int, slot_elems: int) -> int:
@@ -133,6 +134,7 @@ class PeerSum:
     call: int
     rows: int
     cols: int
+    rehearsed: bool = False
 
     @property
     def region(self) -> int:
@@ -142,17 +144,29 @@ class PeerSum:
     def shape(self) -> Tuple[int, int]:
         return self.rows, self.cols
 
+    def rehearsal(self) -> "PeerSum":
+        """The same sum for a producer to be timed on: its words land where the real ones will, but carry the flag
+        of epoch -1, which no consumer waits for (epochs count from 1). Safe to push only where the real producer
+        runs, in the same order on the stream: there every peer has consumed this region's previous sum, and the
+        real push overwrites every word before this rank's next push could be awaited."""
+        return PeerSum(self.xch, self.call, self.rows, self.cols, rehearsed=True)
+
     def producer_args(self) -> dict:
         """XPTRS: every rank's buffer; x_data_off: this rank's part of the region there, in words."""
         x, r = self.xch, self.region
-        return dict(XPTRS=x.data_ptrs, XEPOCH=x.epoch, x_call=self.call, x_data_off=(r * x.world + x.rank) * x.slot,
-                    XTP=x.world)
+        return dict(XPTRS=x.data_ptrs, XEPOCH=x.rehearsal_epoch if self.rehearsed else x.epoch, x_call=self.call,
+                    x_data_off=(r * x.world + x.rank) * x.slot, XTP=x.world, XTP2=_pow2(x.world))
 
     def consumer_args(self) -> dict:
         """D: part 0 of this rank's region (part s is `d_part_stride` words further)."""
         x, r = self.xch, self.region
         return dict(D=x.data[r], DEPOCH=x.epoch, d_call=self.call, d_part_stride=x.slot, DTP=x.world,
-                    DTP2=1 << (x.world - 1).bit_length())  # the parts as one tile: a power of two
+                    DTP2=_pow2(x.world))
+
+
+def _pow2(n: int) -> int:
+    """The kernels handle the ranks as one tile dimension, whose length must be a power of two."""
+    return 1 << (n - 1).bit_length()
 
 
 def peer_switches() -> Tuple[str, str]:
