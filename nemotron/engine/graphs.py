@@ -9,12 +9,12 @@ step is
   matmul -> `RoPE + cache write + q layout` (Triton) -> decode attention (Triton: a group's query heads against its
   cached keys, each row only up to its own position, split over the keys when rows are few) -> proj matmul (+TP sum)
   -> `add+LayerNorm1p` -> fc1 with relu^2 -> fc2 (+TP sum). The matmuls (`decode_linear`) run cuBLAS or a skinny
-  Triton kernel (for one row also a CUDA-core one, unless pushed to the TP peers), whichever was faster for that
-  weight on first use. Under TP their partial sums stay float32 and the next add+LayerNorm rounds the total once.
-  With a peer exchange (CUDA, TP group on symmetric memory) there is no all-reduce kernel: the matmul pushes its part
-  into every rank's exchange buffer and the add+LayerNorm adds the parts up (`PeerSum`); otherwise an all-reduce
-  kernel sums them (through the peers' memory for small messages, else NCCL). LayerNorm1p's `gamma = weight + 1` is
-  computed once per weight version, not per step;
+  Triton kernel (for one row also a CUDA-core one), whichever was faster for that weight on first use. Under TP their
+  partial sums stay float32 and the next add+LayerNorm rounds the total once. With a peer exchange (CUDA, TP group on
+  symmetric memory) there is no all-reduce kernel: the matmul pushes its part into every rank's exchange buffer and
+  the add+LayerNorm adds the parts up (`PeerSum`); otherwise an all-reduce kernel sums them (through the peers' memory
+  for small messages, else NCCL). LayerNorm1p's `gamma = weight + 1` is computed once per weight version, not per
+  step;
 * captured in a CUDA graph per batch bucket (1, 2, 4, ... 128) and KV bucket (the keys read are rounded up to a
   multiple of 64..512, never the whole cache), lazily on first use, all graphs sharing one memory pool; a replay
   only copies the step's token ids and positions into the graph's static inputs.

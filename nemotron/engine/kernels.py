@@ -74,23 +74,14 @@ if triton is not None:
         return tl.load(EPOCH) * 1024 + call
 
     @triton.jit
-    def _push_to(XPTRS, XEPOCH, x_call, x_data_off, XTP: tl.constexpr, XTP2: tl.constexpr):
-        """Where and with which flag a producer pushes: every rank's address of this rank's part ([XTP2] int64)
-        and the flag value shifted into a word's high half. A producer loads them when it starts: loaded at its
-        end, each store to a peer waited for its address (L2 round trips in a row: a load may not pass the
-        stores before it)."""
-        dst = tl.arange(0, XTP2)
-        bases = tl.load(XPTRS + dst, mask=dst < XTP, other=0) + x_data_off * 8
-        return bases, _flag_value(XEPOCH, x_call).to(tl.int64) << 32
-
-    @triton.jit
-    def _push(vals, offs, mask, bases, flag, XTP: tl.constexpr, XTP2: tl.constexpr):
+    def _push(vals, offs, mask, XPTRS, XEPOCH, x_call, x_data_off, XTP: tl.constexpr):
         """Store this program's float32 values at element offsets `offs` of this rank's part on every rank, each
-        as one 8-byte word: the flag in the high half, the value's bits in the low half."""
+        as one 8-byte word: the flag value in the high half, the value's bits in the low half."""
+        flag = _flag_value(XEPOCH, x_call).to(tl.int64) << 32
         words = vals.to(tl.float32).to(tl.uint32, bitcast=True).to(tl.int64) | flag
-        for dst in tl.static_range(XTP):  # rank dst's address: picked from the registers, no memory access
-            base = tl.sum(tl.where(tl.arange(0, XTP2) == dst, bases, 0), 0).to(tl.pointer_type(tl.int64))
-            tl.store(base + offs, words, mask=mask)
+        for dst in tl.static_range(XTP):
+            base = tl.load(XPTRS + dst).to(tl.pointer_type(tl.int64))
+            tl.store(base + x_data_off + offs, words, mask=mask)
 
     @triton.jit
     def _load_delta(D, offs, mask, d_part_stride, DEPOCH, d_call, DTP: tl.constexpr, DTP2: tl.constexpr):
@@ -120,17 +111,16 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _push_kernel(Y, M, N, XPTRS, XEPOCH, x_call, x_data_off, XTP: tl.constexpr, XTP2: tl.constexpr,
-                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _push_kernel(Y, M, N, XPTRS, XEPOCH, x_call, x_data_off, XTP: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
         """Program (row m, block of columns): push y[m, cols] (float32, e.g. cuBLAS's product) to every rank."""
         if PDL:
             _pdl_enter()
-        bases, flag = _push_to(XPTRS, XEPOCH, x_call, x_data_off, XTP, XTP2)
         m = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = cols < N
         y = tl.load(Y + m * N + cols, mask=live, other=0.0)
-        _push(y, m * N + cols, live, bases, flag, XTP, XTP2)
+        _push(y, m * N + cols, live, XPTRS, XEPOCH, x_call, x_data_off, XTP)
 
     @triton.jit
     def _sum_parts_kernel(OUT, N, D, DEPOCH, d_call, d_part_stride, DTP: tl.constexpr, DTP2: tl.constexpr,
@@ -253,7 +243,7 @@ def _producer_args(target: Optional[PeerSum], y: torch.Tensor) -> dict:
     """A producer kernel's X arguments: a peer sum to push to, or none (y stands in)."""
     if target is not None:
         return target.producer_args()
-    return dict(XPTRS=y, XEPOCH=y, x_call=0, x_data_off=0, XTP=0, XTP2=1)
+    return dict(XPTRS=y, XEPOCH=y, x_call=0, x_data_off=0, XTP=0)
 
 
 def can_exchange(x: torch.Tensor) -> bool:
@@ -496,7 +486,7 @@ if triton is not None:
     def _skinny_mm_kernel(X, W, Y, PART, M, N, K, k_chunk, stride_x, stride_w, stride_y,
                           XPTRS, XEPOCH, x_call, x_data_off, RELU2: tl.constexpr,
                           IEEE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, XTP: tl.constexpr, XTP2: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_K: tl.constexpr, XTP: tl.constexpr, PDL: tl.constexpr):
         """y[:M, tile] = x[:M] @ W[tile]^T for one BLOCK_N tile of W's rows, streaming W once (the step's M <= 64
         rows ride along in one padded tensor-core tile). RELU2: y = relu(round(y))^2, the MLP's activation.
         SPLIT_K > 1: program (tile, s) sums only K range [s*k_chunk, (s+1)*k_chunk) into PART[s] (float32), and
@@ -504,8 +494,6 @@ if triton is not None:
         XTP > 0 (float32 y, no split): y goes to the peer exchange instead of Y."""
         if PDL:
             _pdl_enter()
-        if XTP > 0:
-            bases, flag = _push_to(XPTRS, XEPOCH, x_call, x_data_off, XTP, XTP2)
         pid = tl.program_id(0)
         k_lo = tl.program_id(1) * k_chunk
         k_hi = tl.minimum(K, k_lo + k_chunk)
@@ -526,7 +514,7 @@ if triton is not None:
                 acc += tl.dot(x, tl.trans(w))
         out_mask = x_mask & (rn[None, :] < N)
         if XTP > 0:
-            _push(acc, rm[:, None] * N + rn[None, :], out_mask, bases, flag, XTP, XTP2)
+            _push(acc, rm[:, None] * N + rn[None, :], out_mask, XPTRS, XEPOCH, x_call, x_data_off, XTP)
         elif SPLIT_K == 1:
             y = acc.to(Y.dtype.element_ty)
             if RELU2:
@@ -538,14 +526,11 @@ if triton is not None:
 
     @triton.jit
     def _splitk_reduce(PART, Y, M, N, stride_y, XPTRS, XEPOCH, x_call, x_data_off, RELU2: tl.constexpr,
-                       SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, XTP: tl.constexpr, XTP2: tl.constexpr,
-                       PDL: tl.constexpr):
+                       SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, XTP: tl.constexpr, PDL: tl.constexpr):
         """Program (row m, block of columns): y = sum over s of PART[s, m] in order, then the epilogue (or, with
         XTP > 0, the push to the peer exchange)."""
         if PDL:
             _pdl_enter()
-        if XTP > 0:
-            bases, flag = _push_to(XPTRS, XEPOCH, x_call, x_data_off, XTP, XTP2)
         m = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = cols < N
@@ -553,7 +538,7 @@ if triton is not None:
         for sk in range(SPLIT_K):
             total += tl.load(PART + (sk * M + m).to(tl.int64) * N + cols, mask=live, other=0.0)
         if XTP > 0:
-            _push(total, m * N + cols, live, bases, flag, XTP, XTP2)
+            _push(total, m * N + cols, live, XPTRS, XEPOCH, x_call, x_data_off, XTP)
         else:
             y = total.to(Y.dtype.element_ty)
             if RELU2:
@@ -562,16 +547,13 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(X, W, Y, N, K, stride_w, XPTRS, XEPOCH, x_call, x_data_off, RELU2: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XTP: tl.constexpr, XTP2: tl.constexpr,
-                     PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XTP: tl.constexpr, PDL: tl.constexpr):
         """y[0, tile] = x[0] @ W[tile]^T for one row on the CUDA cores. Without a tensor-core tile (16 rows of W at
         least) a program can own as few as 2-8 rows of W, so a weight spreads over several programs per SM, which
         keeps more loads in flight while the stream ramps up and drains. Each thread multiplies and adds along K;
         the rows are summed across threads once, at the end. XTP > 0: the float32 y goes to the peer exchange."""
         if PDL:
             _pdl_enter()
-        if XTP > 0:
-            bases, flag = _push_to(XPTRS, XEPOCH, x_call, x_data_off, XTP, XTP2)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         w_ptr = W + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
@@ -583,7 +565,7 @@ if triton is not None:
             w = tl.load(w_ptr + k0, mask=w_mask & k_live[None, :], other=0.0).to(tl.float32)
             acc += w * x[None, :]
         if XTP > 0:
-            _push(tl.sum(acc, axis=1), rn, rn < N, bases, flag, XTP, XTP2)
+            _push(tl.sum(acc, axis=1), rn, rn < N, XPTRS, XEPOCH, x_call, x_data_off, XTP)
         else:
             y = tl.sum(acc, axis=1).to(Y.dtype.element_ty)
             if RELU2:
@@ -603,7 +585,8 @@ SKINNY_MAX_ROWS = 64
 #: For one row also ("gemv", BLOCK_N, BLOCK_K, num_warps): the CUDA-core kernel, a few rows of W per program. A K
 #: block's loads are all issued before its multiply-adds wait on them, so wide K blocks (up to a whole 4096-wide row)
 #: keep more bytes in flight. On an H100 it made the bench-8b batch-1 step 6 % faster on one GPU, and the TP4 step 6 %
-#: faster (docs/benchmarks.md, seventh and eighth rounds). Here it may also push to the peers (no fence to pay).
+#: faster (docs/benchmarks.md, seventh and eighth rounds). It pushes to the peers too: with its pushes fc2 costs
+#: what fc1 (the same bytes) costs at TP2, and ~5 us more at TP4 (ninth round).
 GEMV_CONFIGS = (("gemv", 2, 2048, 4), ("gemv", 2, 4096, 8), ("gemv", 4, 1024, 4), ("gemv", 4, 2048, 8),
                 ("gemv", 8, 512, 4), ("gemv", 8, 1024, 8), ("gemv", 16, 512, 8))
 
@@ -711,24 +694,25 @@ def matmul_mode() -> str:
 
 
 def _pick_skinny(x, w, out_dtype, relu2, target: Optional[PeerSum]) -> Optional[Tuple]:
-    """Time cuBLAS and each config on these very tensors (outside any graph capture); None means cuBLAS. A product
-    for the peers is timed with its pushes (after cuBLAS, the push kernel's), into a rehearsal of its target: the
-    pushes cost more with some configs than with others (docs/benchmarks.md, ninth round)."""
+    """Time cuBLAS and each config on these very tensors (outside any graph capture); None means cuBLAS. For a
+    product that goes to the peers, cuBLAS is timed with the push kernel it needs (into a rehearsal of the
+    target), but the configs without their pushes: in a step, a kernel's pushes overlap the kernels after it,
+    while timed alone they are paid in full, which ranked the configs wrongly (docs/benchmarks.md, ninth round)."""
     mode = matmul_mode()
     if mode == "cublas":
         return None
     if not x.is_cuda:  # Triton's interpreter (CPU tests): always the kernel, first config
         return skinny_configs(x.shape[0])[0]
+    y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
     if target is None:
-        y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
         times = {"cublas": graph_time_ms(lambda: _cublas(x, w, out_dtype, relu2))}
     else:
-        y, target = None, target.rehearsal()
-        times = {"cublas": graph_time_ms(lambda: _push_launch(_cublas(x, w, out_dtype, relu2), target))}
+        rehearsal = target.rehearsal()
+        times = {"cublas": graph_time_ms(lambda: _push_launch(_cublas(x, w, out_dtype, relu2), rehearsal))}
     configs = skinny_configs(x.shape[0])
     for cfg in configs:
         try:
-            times[str(cfg)] = graph_time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg, target))
+            times[str(cfg)] = graph_time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
         except Exception as exc:  # a config this card or Triton cannot run: never chosen, and reported
             times[str(cfg)] = float("inf")
             skinny_errors[str(cfg)] = f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -68,8 +68,8 @@ class PeerExchange:
     (`data_ptrs`: each rank's address, on the device). Each word holds one float32 value of a part in its low half
     and the flag value of the sum it belongs to in its high half, written with one 8-byte store, so a reader that
     sees the flag sees the value: no fence, no separate flag and no counter of finished programs (NCCL's LL
-    protocol works the same way). Against raising a flag after a system-scope fence it made the bench-8b TP2 step
-    12 % faster on two H200s, but the TP4 step 5 % slower on four (docs/benchmarks.md, eighth round): unfinished.
+    protocol works the same way). Against raising a flag after a system-scope fence, it made the bench-8b batch-1
+    step 15 % faster at TP2 and 10 % faster at TP4 on H200s (docs/benchmarks.md, ninth round).
 
     A decode step numbers its row-parallel sums 0, 1, 2, ... (`target(call, ...)`); sum `call` uses region
     call % 2 and flag value epoch * 1024 + call. Its producer, on every rank, writes its part into part[rank] of
@@ -147,26 +147,21 @@ class PeerSum:
     def rehearsal(self) -> "PeerSum":
         """The same sum for a producer to be timed on: its words land where the real ones will, but carry the flag
         of epoch -1, which no consumer waits for (epochs count from 1). Safe to push only where the real producer
-        runs, in the same order on the stream: there every peer has consumed this region's previous sum, and the
-        real push overwrites every word before this rank's next push could be awaited."""
+        runs, just before it on the same stream: there every peer has consumed this region's previous sum, and
+        the real push then overwrites every word the rehearsal wrote."""
         return PeerSum(self.xch, self.call, self.rows, self.cols, rehearsed=True)
 
     def producer_args(self) -> dict:
         """XPTRS: every rank's buffer; x_data_off: this rank's part of the region there, in words."""
         x, r = self.xch, self.region
         return dict(XPTRS=x.data_ptrs, XEPOCH=x.rehearsal_epoch if self.rehearsed else x.epoch, x_call=self.call,
-                    x_data_off=(r * x.world + x.rank) * x.slot, XTP=x.world, XTP2=_pow2(x.world))
+                    x_data_off=(r * x.world + x.rank) * x.slot, XTP=x.world)
 
     def consumer_args(self) -> dict:
         """D: part 0 of this rank's region (part s is `d_part_stride` words further)."""
         x, r = self.xch, self.region
         return dict(D=x.data[r], DEPOCH=x.epoch, d_call=self.call, d_part_stride=x.slot, DTP=x.world,
-                    DTP2=_pow2(x.world))
-
-
-def _pow2(n: int) -> int:
-    """The kernels handle the ranks as one tile dimension, whose length must be a power of two."""
-    return 1 << (n - 1).bit_length()
+                    DTP2=1 << (x.world - 1).bit_length())  # the parts as one tile: a power of two
 
 
 def peer_switches() -> Tuple[str, str]:
