@@ -993,8 +993,6 @@ def profile_stage(ctx: Ctx, model, stepper, batches, steps: int = 5):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             run()
             ctx.sync()
-        # Under TP the profiler also reports one unnamed "kernel" per step lasting longer than the whole profile
-        # (ninth round: 70-130 ms a step); it is no kernel of the step, and counted it swamped the step's total.
         kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                           if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
                           and e.name and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()),
@@ -1010,15 +1008,21 @@ def profile_stage(ctx: Ctx, model, stepper, batches, steps: int = 5):
             # a kernel that starts on an idle GPU (a replay's first, after the host) counts its own duration only
             inc = end - max(start, prev_end) if end > prev_end else 0.0
             prev_end = max(prev_end, end)
-            short = name.removeprefix("void ").split("(")[0].split("<")[0][:60]
+            if i < per_step:
+                # The first step is left out: under TP its first collective waits for the ranks that started
+                # profiling later (ninth round: 25-110 ms, which swamped the per-step totals).
+                continue
+            short = name.removeprefix("void ").replace("(anonymous namespace)::", "").split("(")[0]
+            short = short.split("<")[0][:60]
             slot = by_name.setdefault(short, [0, 0.0, 0.0])
             slot[0] += 1
             slot[1] += inc
             slot[2] += end - start
             if i >= len(kernels) - per_step:
                 seq.append((short, round(inc, 2), round(end - start, 2)))
-        rows = sorted(({"kernel": k, "calls_per_step": v[0] / steps, "increment_us_per_step": v[1] / steps,
-                        "duration_us_per_step": v[2] / steps} for k, v in by_name.items()),
+        counted = steps - 1
+        rows = sorted(({"kernel": k, "calls_per_step": v[0] / counted, "increment_us_per_step": v[1] / counted,
+                        "duration_us_per_step": v[2] / counted} for k, v in by_name.items()),
                       key=lambda r: -r["increment_us_per_step"])
         total = sum(r["increment_us_per_step"] for r in rows) / 1e3
         res[str(b)] = {"kernels_per_step": per_step, "increments_ms_per_step": total, "by_kernel": rows,

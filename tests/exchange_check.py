@@ -46,7 +46,8 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
                     kernels._skinny_launch(xs[r], ws[r], None, False, how, target)
                 if target.rehearsed and r == TP - 1:
                     for data in datas:
-                        assert torch.equal(data[call % 2, :, :M * N] >> 32, torch.full((TP, M * N), call - 1024))
+                        flags = data[call % 2, :, :M * N] >> 32
+                        assert torch.equal(flags, torch.full_like(flags, call - 1024))
             pending = [PeerSum(xch, call, M, N) for xch in xchs]
             region = call % 2
             words = [datas[r][region, :, :M * N] for r in range(TP)]  # [TP parts, M * N] on rank r
