@@ -342,11 +342,11 @@ def check_kernels(ctx: Ctx, model: NemotronModel):
         kernels_mod.FORCE_TORCH = force
         qkv = torch.randn(n, ng * (hpg + 2) * hn, generator=g.manual_seed(1), device=ctx.dev, dtype=torch.bfloat16)
         pos = torch.arange(n, device=ctx.dev) * 7
-        cos, sin = model.rotary(pos.view(n, 1), torch.bfloat16)
+        cos, sin = model.rotary(torch.arange(64, device=ctx.dev).view(1, 64), torch.bfloat16)  # tables [64, r]
         ck = torch.zeros(n, ng, 64, hn, dtype=torch.bfloat16, device=ctx.dev)
         cv = torch.zeros_like(ck)
         slots = torch.arange(n, device=ctx.dev).flip(0)  # rows in other slots than their index
-        q = kernels_mod.rope_to_cache(qkv, cos.reshape(n, -1), sin.reshape(n, -1), pos, slots, ck, cv, ng, hpg, hn)
+        q = kernels_mod.rope_to_cache(qkv, cos.reshape(64, -1), sin.reshape(64, -1), pos, slots, ck, cv, ng, hpg, hn)
         x = torch.randn(n, cfg.hidden_size, generator=g.manual_seed(2), device=ctx.dev, dtype=torch.bfloat16)
         d = torch.randn(n, cfg.hidden_size, generator=g.manual_seed(3), device=ctx.dev, dtype=torch.bfloat16)
         w = model.decoder.layers[0].mlp.linear_fc1

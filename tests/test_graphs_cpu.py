@@ -150,7 +150,7 @@ torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):
     n, ng, hpg, hn, r, S = 3, 2, 3, 24, 12, 16
     qkv = torch.randn(n, ng * (hpg + 2) * hn).to(dtype)
-    ang = torch.rand(n, r // 2) * 50
+    ang = torch.rand(S, r // 2) * 50  # a table: row p is position p's angles
     cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
     pos = torch.tensor([0, 7, 15])
     out = []

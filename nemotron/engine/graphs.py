@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from nemotron.engine.forward import to_device
-from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, decode_attention, decode_linear,
-                                     decode_linear_to_peers, matmul_mode, rope_to_cache, sum_parts)
+from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, decode_linear,
+                                     decode_linear_to_peers, embed_rows, matmul_mode, rope_attention, sum_parts)
 from nemotron.model import KVCache, NemotronModel
 from nemotron.parallel.layers import all_gather_last_dim, all_reduce
 from nemotron.parallel.peer_allreduce import PeerExchange, PeerSum, peer_exchange_for
@@ -97,6 +97,8 @@ class FusedDecoder:
         self._norm_weights = norms
         self._exchange: Optional[PeerExchange] = None  # this step's, if its TP sums go through the peers' memory
         self._sums = 0  # peer sums made so far in this step
+        self._rope_key: Optional[Tuple] = None
+        self._rope: Tuple[torch.Tensor, torch.Tensor] = ()
 
     def weights_version(self) -> int:
         """Changes whenever a LayerNorm weight is modified in place (e.g. reloaded), so cached gammas and graphs
@@ -115,6 +117,16 @@ class FusedDecoder:
         self._gammas[id(weight)] = (_version(weight), weight, g)
         return g
 
+    def rope_tables(self, length: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin [length, r] for positions 0..length-1, as eager computes them for each position
+        (made once: per step they were ~7 small kernels)."""
+        key = (length, dtype, device)
+        if self._rope_key != key:
+            cos, sin = self.model.rotary(torch.arange(length, device=device).view(1, length), dtype)
+            self._rope = (cos.reshape(length, -1), sin.reshape(length, -1))
+            self._rope_key = key
+        return self._rope
+
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: token ids [n] (first stage) or hidden states [n, h]; out: where to write the result (logits [n, V]
@@ -126,10 +138,9 @@ class FusedDecoder:
         if self._exchange is not None:
             self._exchange.begin_step()
         if self.first:
-            x = m.embedding.word_embeddings(x.view(n, 1)).view(n, -1)
-        cos, sin = m.rotary(positions.view(n, 1), x.dtype)  # [n, 1, 1, r]
-        r = cos.shape[-1]
-        cos, sin = cos.reshape(n, r), sin.reshape(n, r)
+            emb = m.embedding.word_embeddings
+            x = all_reduce(embed_rows(x.view(n), emb.weight, emb.start), emb.group)
+        cos, sin = self.rope_tables(cache.max_seq, x.dtype, x.device)
         # The residual stream is kept as (resid, delta): the next add+LayerNorm adds them.
         resid, delta = x, None
         for i, layer in enumerate(self.layers):
@@ -164,8 +175,8 @@ class FusedDecoder:
             resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
             qkv_lin.layer_norm_bias, qkv_lin.eps, qkv_lin.weight)
         ck, cv = cache.k[i], cache.v[i]
-        q = rope_to_cache(qkv, cos, sin, positions, slots, ck, cv, att.groups, att.heads_per_group, att.head_dim)
-        o = decode_attention(q, ck, cv, positions, slots, kv_len)               # [n, ng, hpg, hn]
+        o = rope_attention(qkv, cos, sin, positions, slots, ck, cv, att.groups, att.heads_per_group,  # [n, ng,
+                           att.head_dim, kv_len)                                                   # hpg, hn]
         delta = self._row_parallel(att.linear_proj, o.reshape(n, -1))
         resid, act = add_layer_norm_linear(                                     # relu^2(fc1) [n, ffn/tp]
             resid, delta, self.gamma(fc1.layer_norm_weight, fc1.zero_centered_gamma), fc1.layer_norm_bias,
