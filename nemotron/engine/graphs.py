@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from nemotron.engine.forward import to_device
-from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, decode_linear,
-                                     decode_linear_to_peers, embed_rows, matmul_mode, rope_attention, sum_parts)
+from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, decode_attention, decode_linear,
+                                     decode_linear_to_peers, embed_rows, matmul_mode, rope_to_cache, sum_parts)
 from nemotron.model import KVCache, NemotronModel
 from nemotron.parallel.layers import all_gather_last_dim, all_reduce
 from nemotron.parallel.peer_allreduce import PeerExchange, PeerSum, peer_exchange_for
@@ -175,8 +175,8 @@ class FusedDecoder:
             resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
             qkv_lin.layer_norm_bias, qkv_lin.eps, qkv_lin.weight)
         ck, cv = cache.k[i], cache.v[i]
-        o = rope_attention(qkv, cos, sin, positions, slots, ck, cv, att.groups, att.heads_per_group,  # [n, ng,
-                           att.head_dim, kv_len)                                                   # hpg, hn]
+        q = rope_to_cache(qkv, cos, sin, positions, slots, ck, cv, att.groups, att.heads_per_group, att.head_dim)
+        o = decode_attention(q, ck, cv, positions, slots, kv_len)               # [n, ng, hpg, hn]
         delta = self._row_parallel(att.linear_proj, o.reshape(n, -1))
         resid, act = add_layer_norm_linear(                                     # relu^2(fc1) [n, ffn/tp]
             resid, delta, self.gamma(fc1.layer_norm_weight, fc1.zero_centered_gamma), fc1.layer_norm_bias,

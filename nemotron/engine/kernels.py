@@ -177,31 +177,13 @@ if triton is not None:
         tl.store(Y + row * N + offs, (diff * rstd * g + b).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rope_rows(row, h, ROWS: tl.constexpr, ROT: tl.constexpr, d, HN: tl.constexpr, R: tl.constexpr, COS,
-                   SIN, pos, dt):
-        """Heads h < ROWS (h a column of indices) of one row of QKV at `row`, heads h < ROT rotated (rotate-half
-        on the first R channels with position pos's cos/sin from the tables COS/SIN [positions, R], eager's
-        rounding after each op, in dt), the others as they are -> [len(h), len(d)] (zeros beyond ROWS, HN)."""
-        half = R // 2
-        x = tl.load(row + h * HN + d, mask=(h < ROWS) & (d < HN), other=0.0)
-        partner = tl.where(d < half, d + half, d - half)
-        xp = tl.load(row + h * HN + partner, mask=(h < ROWS) & (d < R), other=0.0).to(tl.float32)
-        c = tl.load(COS + pos * R + d, mask=d < R, other=0.0).to(tl.float32)
-        s = tl.load(SIN + pos * R + d, mask=d < R, other=0.0).to(tl.float32)
-        sign = tl.where(d < half, -1.0, 1.0)
-        t1 = (x.to(tl.float32) * c).to(dt).to(tl.float32)
-        t2 = (sign * xp * s).to(dt).to(tl.float32)
-        return tl.where((d < R) & (h < ROT), (t1 + t2).to(dt), x.to(dt))
-
-    @triton.jit
     def _rope_cache_kernel(QKV, COS, SIN, POS, SLOTS, Q, CK, CV, qkv_row_stride, slot_stride, group_stride,
                            HPG: tl.constexpr, HN: tl.constexpr, R: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """One (row, query group): rotate its HPG query heads and its key head (rotate-half on the first R
-        channels, with eager's bf16 rounding after each op; COS/SIN are tables [positions, R]), write q to Q
-        [n, ng, HPG, HN] and k, v into the cache at [slot of the row, group, position]. Launched with
-        enable_fp_fusion=False: otherwise the compiler turns round(x*cos) + t2 into one bf16 FMA (one rounding
-        instead of eager's two; seen on H100)."""
+        channels, with eager's bf16 rounding after each op), write q to Q [n, ng, HPG, HN] and k, v into the
+        cache at [slot of the row, group, position]. Launched with enable_fp_fusion=False: otherwise the compiler
+        turns round(x*cos) + t2 into one bf16 FMA (one rounding instead of eager's two; seen on H100)."""
         if PDL:
             _pdl_enter()
         b = tl.program_id(0).to(tl.int64)
@@ -210,10 +192,20 @@ if triton is not None:
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         in_d = d < HN
+        base = QKV + b * qkv_row_stride + grp * (HPG + 2) * HN
+        x = tl.load(base + h * HN + d, mask=(h < HPG + 2) & in_d, other=0.0)
+        half = R // 2
+        partner = tl.where(d < half, d + half, d - half)
+        xp = tl.load(base + h * HN + partner, mask=(h < HPG + 2) & (d < R), other=0.0).to(tl.float32)
         pos = tl.load(POS + b)
-        # the q heads and k rotated, v (h == HPG+1) as it is
-        out = _rope_rows(QKV + b * qkv_row_stride + grp * (HPG + 2) * HN, h, HPG + 2, HPG + 1, d, HN, R, COS, SIN,
-                         pos, Q.dtype.element_ty)
+        c = tl.load(COS + pos * R + d, mask=d < R, other=0.0).to(tl.float32)  # tables [positions, R]
+        s = tl.load(SIN + pos * R + d, mask=d < R, other=0.0).to(tl.float32)
+        sign = tl.where(d < half, -1.0, 1.0)
+        dt = Q.dtype.element_ty
+        t1 = (x.to(tl.float32) * c).to(dt).to(tl.float32)
+        t2 = (sign * xp * s).to(dt).to(tl.float32)
+        rot = (t1 + t2).to(dt)
+        out = tl.where((d < R) & (h <= HPG), rot, x.to(dt))  # the V head (h == HPG+1) is not rotated
         tl.store(Q + ((b * ng + grp) * HPG + h) * HN + d, out, mask=(h < HPG) & in_d)
         slot = tl.load(SLOTS + b).to(tl.int64)
         at = slot * slot_stride + grp * group_stride + pos * HN + d + h * 0
@@ -364,21 +356,17 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _decode_attn_kernel(Q, CK, CV, POS, SLOTS, O, PART, STATS, COS, SIN, q_row_stride, slot_stride,
-                            group_stride, scale, chunk, HPG: tl.constexpr, HN: tl.constexpr, R: tl.constexpr,
-                            ROPE: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    def _decode_attn_kernel(Q, CK, CV, POS, SLOTS, O, PART, STATS, slot_stride, group_stride, scale, chunk,
+                            HPG: tl.constexpr, HN: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            PDL: tl.constexpr):
         """Program (row b, group g, split sp): keys [sp*chunk, min((sp+1)*chunk, pos[b]+1)) of row b's slot,
         group g.
 
         The group's HPG query heads are the rows of one [BLOCK_H, BLOCK_D] tile, so K/V are read once per group
         (GQA without repeats) and only up to the row's own length. Online softmax in float32; p is rounded to the
         value dtype before p @ v, as flash attention does. One split writes O; several write float32 partial
-        sums and (max, sum) to PART/STATS for `_decode_attn_combine`.
-
-        ROPE: Q is the QKV projection (rows q_row_stride apart, MCore's per-group [q.., k, v]): the program
-        rotates the group's query heads itself (`_rope_rows`), and the split holding the row's position also
-        rotates its key and writes key and value into the cache there before reading the keys."""
+        sums and (max, sum) to PART/STATS for `_decode_attn_combine`."""
         if PDL:
             _pdl_enter()
         b = tl.program_id(0).to(tl.int64)
@@ -388,24 +376,11 @@ if triton is not None:
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         hd_mask = (h < HPG) & (d < HN)
-        pos = tl.load(POS + b)
-        kv_len = pos + 1
+        q = tl.load(Q + ((b * ng + g) * HPG + h) * HN + d, mask=hd_mask, other=0.0)
+        kv_len = tl.load(POS + b) + 1
         start = sp * chunk
         end = tl.minimum(start + chunk, kv_len)
         base = tl.load(SLOTS + b).to(tl.int64) * slot_stride + g * group_stride
-        if ROPE:
-            row = Q + b * q_row_stride + g * (HPG + 2) * HN
-            q = _rope_rows(row, h, HPG, HPG, d, HN, R, COS, SIN, pos, CK.dtype.element_ty)
-            kh = tl.arange(0, 2)[:, None]  # this token's key and value heads
-            kv = _rope_rows(row + HPG * HN, kh, 2, 1, d, HN, R, COS, SIN, pos, CK.dtype.element_ty)
-            at = base + pos * HN + d + kh * 0
-            at_d = pos + d * 0  # (a tensor: Triton's interpreter fails on masks with scalar terms)
-            mine = (d < HN) & (at_d >= start) & (at_d < start + chunk)  # the split holding the position writes
-            tl.store(CK + at, kv, mask=(kh == 0) & mine)
-            tl.store(CV + at, kv, mask=(kh == 1) & mine)
-            tl.debug_barrier()  # the stores are seen by this program's loads of the keys below
-        else:
-            q = tl.load(Q + ((b * ng + g) * HPG + h) * HN + d, mask=hd_mask, other=0.0)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -506,68 +481,29 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     return _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg)
 
 
-def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                   slots: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, groups: int,
-                   heads_per_group: int, head_dim: int, kv_len: int) -> torch.Tensor:
-    """`rope_to_cache` then `decode_attention`, in one kernel on CUDA: qkv [n, ng*(hpg+2)*hn], cos/sin tables
-    [P, r] -> attention output [n, ng, hpg, hn], the rows' rotated keys and values written into the cache."""
-    n, ng, hpg, hn = qkv.shape[0], groups, heads_per_group, head_dim
-    if not _use_triton(qkv) or not ROPE_IN_ATTENTION:
-        q = rope_to_cache(qkv, cos, sin, positions, slots, cache_k, cache_v, ng, hpg, hn)
-        return decode_attention(q, cache_k, cache_v, positions, slots, kv_len)
-    assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous() and cache_k.is_contiguous()
-    rope = (qkv, cos, sin)
-    configs = ATTN_CONFIGS if hn <= 128 else ATTN_CONFIGS_WIDE
-    key = (n, ng, hpg, hn, kv_len, qkv.dtype, qkv.device, "rope")
-    cfg = _attn_choice.get(key)
-    if cfg is None:
-        shape = (n, ng, hpg, hn)
-        if not qkv.is_cuda or torch.cuda.is_current_stream_capturing():
-            cfg = configs[0]
-        else:  # every config writes the same keys and values into the cache: timing them changes nothing
-            times = {c: graph_time_ms(lambda: _attn_launch(shape, cache_k, cache_v, positions, slots, kv_len, c,
-                                                           rope=rope)) for c in configs}
-            cfg = min(times, key=times.get)
-            attn_timings[f"rope n{n} ng{ng} hpg{hpg} hn{hn} kv{kv_len}"] = {str(c): t for c, t in times.items()}
-        _attn_choice[key] = cfg
-    return _attn_launch((n, ng, hpg, hn), cache_k, cache_v, positions, slots, kv_len, cfg, rope=rope)
-
-
-#: rotate q and write the cache inside the attention kernel (one kernel fewer per layer)
-ROPE_IN_ATTENTION = True
-
-
-def _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg, rope=None):
-    """q [n, ng, hpg, hn]; or with rope = (qkv, cos, sin), q's shape (the kernel rotates q from qkv)."""
-    n, ng, hpg, hn = q if rope is not None else q.shape
-    device, dtype = cache_k.device, cache_k.dtype
+def _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg):
+    n, ng, hpg, hn = q.shape
     block_n, warps, stages = cfg[:3]
     max_splits = cfg[3] if len(cfg) > 3 else 1 << 30
     block_d = triton.next_power_of_2(hn)
     block_h = max(16, triton.next_power_of_2(hpg))  # tl.dot needs 16 rows
     # Enough programs to fill the GPU twice over, but no split shorter than one key block.
-    splits = max(1, min(triton.cdiv(kv_len, block_n), triton.cdiv(2 * _sm_count(device), n * ng), max_splits))
+    splits = max(1, min(triton.cdiv(kv_len, block_n), triton.cdiv(2 * _sm_count(q.device), n * ng), max_splits))
     chunk = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
     splits = triton.cdiv(kv_len, chunk)
-    out = torch.empty(n, ng, hpg, hn, dtype=dtype, device=device)
-    if rope is not None:
-        src, cos, sin = rope
-        r, row_stride = cos.shape[-1], src.stride(0)
-    else:
-        src, cos, sin, r, row_stride = q, out, out, 0, 0
+    out = torch.empty_like(q)
     if splits > 1:
-        part = torch.empty(n * ng * splits * block_h * block_d, dtype=torch.float32, device=device)
-        stats = torch.empty(n * ng * splits * 2 * block_h, dtype=torch.float32, device=device)
+        part = torch.empty(n * ng * splits * block_h * block_d, dtype=torch.float32, device=q.device)
+        stats = torch.empty(n * ng * splits * 2 * block_h, dtype=torch.float32, device=q.device)
     else:
         part = stats = out  # unused
     _decode_attn_kernel[(n, ng, splits)](
-        src, cache_k, cache_v, positions, slots, out, part, stats, cos, sin, row_stride, cache_k.stride(0),
-        cache_k.stride(1), hn ** -0.5, chunk, HPG=hpg, HN=hn, R=r, ROPE=rope is not None, SPLITS=splits,
-        IEEE=dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
-        num_stages=stages, enable_fp_fusion=rope is None, **_pdl(out))
+        q, cache_k, cache_v, positions, slots, out, part, stats, cache_k.stride(0), cache_k.stride(1), hn ** -0.5,
+        chunk, HPG=hpg, HN=hn, SPLITS=splits, IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
+        BLOCK_D=block_d, num_warps=warps, num_stages=stages, **_pdl(q))
     if splits > 1:
         _decode_attn_combine[(n * ng,)](part, stats, out, HPG=hpg, HN=hn, SPLITS=splits, BLOCK_H=block_h,
-                                        BLOCK_D=block_d, num_warps=4, **_pdl(out))
+                                        BLOCK_D=block_d, num_warps=4, **_pdl(q))
     return out
 
 
