@@ -5,9 +5,10 @@ Each rank's exchange words are an ordinary tensor; every rank's producer writes 
 all of them, as it writes into its peers' memory over NVLink on a multi-GPU host. Producers push their parts, each
 value with the sum's flag in one word. Consumers add the parts in rank order: the sum alone, add+LayerNorm (parts
 added in its own program, or by `sum_parts` first), and add+LayerNorm before the next matmul. Each must match the
-same kernels given the summed tensor, bit for bit. Every producer path (skinny kernel, split-K reduction, cuBLAS +
-push kernel, the one-row CUDA-core kernel), both regions, two steps (epochs), and the rehearsals producers are timed
-on.
+same kernels given the summed tensor: the sums bit for bit, the LayerNorm to rounding (on a GPU a consumer reading
+every rank's words runs more warps, which sum its statistics in another order). Every producer path (skinny
+kernel, split-K reduction, cuBLAS + push kernel, the one-row CUDA-core kernel), both regions, two steps (epochs),
+and the rehearsals producers are timed on.
 """
 import torch
 import torch.nn.functional as F
@@ -77,10 +78,12 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
                 assert torch.equal(kernels.sum_parts(pending[r]), total)
                 for per_program in (default, 0):  # parts added inside add+LayerNorm, or by sum_parts first
                     kernels.PARTS_PER_ROW_PROGRAM = per_program
+                    # The sum must match bit for bit. The LayerNorm only to rounding: a kernel reading every
+                    # rank's words runs more warps, so on a GPU its statistics are summed in another order.
                     s, y = kernels.add_layer_norm(x, pending[r], g, b, 1e-5)
-                    assert torch.equal(s, plain_s) and torch.equal(y, plain_y)
+                    assert torch.equal(s, plain_s), (call, r, per_program)
+                    torch.testing.assert_close(y.float(), plain_y.float(), **tol)
                     s2, h = kernels.add_layer_norm_linear(x, pending[r], g, b, 1e-5, w_next)
                     assert torch.equal(s2, plain_s), (call, r, per_program)
-                    assert torch.equal(h, plain_h), (call, r, per_program, (h.float() - plain_h.float()).abs().max(),
-                                                     kernels._skinny_choice, kernels._ln_choice)
+                    torch.testing.assert_close(h.float(), plain_h.float(), **tol_mm)
                 kernels.PARTS_PER_ROW_PROGRAM = default
