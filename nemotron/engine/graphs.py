@@ -14,7 +14,9 @@ step is
   symmetric memory) there is no all-reduce kernel: the matmul pushes its part into every rank's exchange buffer and
   the add+LayerNorm adds the parts up (`PeerSum`); otherwise an all-reduce kernel sums them (through the peers' memory
   for small messages, else NCCL). LayerNorm1p's `gamma = weight + 1` is computed once per weight version, not per
-  step;
+  step. Before the layers, the first stage looks its tokens up in one kernel (this rank's vocabulary shard, zeros
+  for the others' ids, then the TP sum), and RoPE's cos/sin come from tables made once per cache length (the kernels
+  before the first layer went 17 -> 3 at TP2, 8 -> 1 at TP1);
 * captured in a CUDA graph per batch bucket (1, 2, 4, ... 128) and KV bucket (the keys read are rounded up to a
   multiple of 64..512, never the whole cache), lazily on first use, all graphs sharing one memory pool; a replay
   only copies the step's token ids and positions into the graph's static inputs.
