@@ -976,6 +976,7 @@ def profile_stage(ctx: Ctx, model, stepper, batches, steps: int = 5):
     and the last step's kernels in order (a layer's kernels repeat in it)."""
     if not ctx.cuda:
         return
+    assert steps >= 2, "the first profiled step is left out"
     from torch.profiler import ProfilerActivity, profile
     cfg, res = model.cfg, {}
     for b in batches:

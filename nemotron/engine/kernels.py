@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from nemotron.config import env_switch
 from nemotron.model import apply_rotary
+from nemotron.parallel.layers import shard_lookup
 from nemotron.parallel.peer_allreduce import PeerSum
 
 try:  # Triton is on the GPU machines, not on the CPU test machines
@@ -304,11 +305,9 @@ def sum_parts(pending: PeerSum) -> torch.Tensor:
 def embed_rows(ids: torch.Tensor, weight: torch.Tensor, start: int) -> torch.Tensor:
     """ids [n] -> [n, h]: the rows of a vocabulary shard weight [rows, h] holding ids start..start+rows-1, zeros
     for ids outside it (VocabParallelEmbedding's lookup before its all-reduce, in one kernel, not ~7)."""
-    n, (rows, h) = ids.shape[0], weight.shape
     if not _use_triton(weight):
-        local = ids - start
-        outside = (local < 0) | (local >= rows)
-        return F.embedding(torch.where(outside, 0, local), weight).masked_fill(outside.unsqueeze(-1), 0)
+        return shard_lookup(ids, weight, start)
+    n, (rows, h) = ids.shape[0], weight.shape
     out = torch.empty(n, h, dtype=weight.dtype, device=weight.device)
     block = min(1024, triton.next_power_of_2(h))
     _embed_kernel[(n, triton.cdiv(h, block))](ids, weight, out, start, rows, h, BLOCK=block, num_warps=4,

@@ -103,7 +103,12 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group is None:
             return F.embedding(ids, self.weight)
-        outside = (ids < self.start) | (ids >= self.end)
-        local = torch.where(outside, 0, ids - self.start)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)
-        return all_reduce(out, self.group)
+        return all_reduce(shard_lookup(ids, self.weight, self.start), self.group)
+
+
+def shard_lookup(ids: torch.Tensor, weight: torch.Tensor, start: int) -> torch.Tensor:
+    """Rows of a vocabulary shard weight [rows, h] (ids start..start+rows-1) for ids [...] -> [..., h], zeros for
+    ids outside the shard."""
+    local = ids - start
+    outside = (local < 0) | (local >= weight.shape[0])
+    return F.embedding(torch.where(outside, 0, local), weight).masked_fill(outside.unsqueeze(-1), 0)
