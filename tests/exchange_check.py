@@ -7,8 +7,8 @@ value with the sum's flag in one word. Consumers add the parts in rank order: th
 added in its own program, or by `sum_parts` first), and add+LayerNorm before the next matmul. Each must match the
 same kernels given the summed tensor: the sums bit for bit, the LayerNorm to rounding (on a GPU a consumer reading
 every rank's words runs more warps, which sum its statistics in another order). Every producer path (skinny
-kernel, split-K reduction, cuBLAS + push kernel, the one-row CUDA-core kernel), both regions, two steps (epochs),
-and the rehearsals producers are timed on.
+kernel, split-K reduction, cuBLAS + push kernel, the one-row CUDA-core kernel, and `decode_linear_to_peers` on either
+side of IN_KERNEL_PUSH_MAX_RANKS), both regions, two steps (epochs), and the rehearsals producers are timed on.
 """
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,12 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
     datas = [torch.zeros(2, TP, SLOT, dtype=torch.int64, device=device) for _ in range(TP)]
     xchs = [PeerExchange(r, TP, datas[r], [d.data_ptr() for d in datas]) for r in range(TP)]
     # (rows, columns, K, how): the skinny kernel pushes from its epilogue; split K, the reduction kernel pushes;
-    # cuBLAS's product is pushed by its own kernel; for one row, the CUDA-core kernel pushes
+    # cuBLAS's product is pushed by its own kernel; for one row, the CUDA-core kernel pushes; `decode_linear_to_peers`
+    # with more ranks than IN_KERNEL_PUSH_MAX_RANKS ("stored": the product, then the push kernel) or not ("in kernel")
     cases = [(4, 48, 40, (16, 32, 4, 2)), (2, 40, 96, (16, 32, 4, 2, 3)), (5, 40, 8, "cublas"),
-             (2, 40, 24, (32, 16, 4, 2)), (1, 40, 300, ("gemv", 8, 64, 4)), (1, 40, 24, (16, 32, 4, 2))]
+             (2, 40, 24, (32, 16, 4, 2)), (1, 40, 300, ("gemv", 8, 64, 4)), (1, 40, 24, (16, 32, 4, 2)),
+             (1, 40, 64, "stored"), (2, 40, 32, "in kernel")]
+    push_limit = kernels.IN_KERNEL_PUSH_MAX_RANKS
     for _step in range(2):
         for xch in xchs:
             xch.begin_step()
@@ -43,6 +46,12 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
                 r = target.xch.rank
                 if how == "cublas":
                     kernels._push_launch(kernels._cublas(xs[r], ws[r], torch.float32, False), target)
+                elif how in ("stored", "in kernel"):
+                    kernels.IN_KERNEL_PUSH_MAX_RANKS = TP - 1 if how == "stored" else TP
+                    try:
+                        kernels.decode_linear_to_peers(xs[r], ws[r], target)
+                    finally:
+                        kernels.IN_KERNEL_PUSH_MAX_RANKS = push_limit
                 else:
                     kernels._skinny_launch(xs[r], ws[r], None, False, how, target)
                 if target.rehearsed and r == TP - 1:

@@ -11,12 +11,13 @@ step is
   -> `add+LayerNorm1p` -> fc1 with relu^2 -> fc2 (+TP sum). The matmuls (`decode_linear`) run cuBLAS or a skinny
   Triton kernel (for one row also a CUDA-core one), whichever was faster for that weight on first use. Under TP their
   partial sums stay float32 and the next add+LayerNorm rounds the total once. With a peer exchange (CUDA, TP group on
-  symmetric memory) there is no all-reduce kernel: the matmul pushes its part into every rank's exchange buffer and
-  the add+LayerNorm adds the parts up (`PeerSum`); otherwise an all-reduce kernel sums them (through the peers' memory
-  for small messages, else NCCL). LayerNorm1p's `gamma = weight + 1` is computed once per weight version, not per
-  step. Before the layers, the first stage looks its tokens up in one kernel (this rank's vocabulary shard, zeros
-  for the others' ids, then the TP sum), and RoPE's cos/sin come from tables made once per cache length (the kernels
-  before the first layer went 17 -> 3 at TP2, 8 -> 1 at TP1);
+  symmetric memory) there is no all-reduce kernel: the matmul (at TP2; beyond, a small kernel after it) pushes its
+  part into every rank's exchange buffer and the add+LayerNorm adds the parts up (`PeerSum`); otherwise an
+  all-reduce kernel sums them (through the peers' memory for small messages, else NCCL). LayerNorm1p's
+  `gamma = weight + 1` is computed once per weight version, not per step. Before the layers, the first stage looks
+  its tokens up in one kernel (this rank's vocabulary shard, zeros for the others' ids, then the TP sum), and RoPE's
+  cos/sin come from tables made once per cache length (the kernels before the first layer went 17 -> 3 at TP2,
+  8 -> 1 at TP1);
 * captured in a CUDA graph per batch bucket (1, 2, 4, ... 128) and KV bucket (the keys read are rounded up to a
   multiple of 64..512, never the whole cache), lazily on first use, all graphs sharing one memory pool; a replay
   only copies the step's token ids and positions into the graph's static inputs.
@@ -196,8 +197,8 @@ class FusedDecoder:
     def _row_parallel(self, lin, x: torch.Tensor) -> Union[torch.Tensor, PeerSum]:
         """RowParallelLinear's math, left unrounded under TP on CUDA: the float32 partial sums are summed over
         the group and the next add+LayerNorm rounds them once (the eager layer casts right after its all-reduce).
-        With a peer exchange the sum is left pending: the matmul pushes its part to every rank, and the next
-        add+LayerNorm adds the parts up (no all-reduce kernel)."""
+        With a peer exchange the sum is left pending: the matmul (or, beyond two ranks, a push kernel after it)
+        pushes its part to every rank, and the next add+LayerNorm adds the parts up (no all-reduce kernel)."""
         if lin.group is None:
             return decode_linear(x, lin.weight)
         if self._exchange is not None:

@@ -613,7 +613,8 @@ SKINNY_MAX_ROWS = 64
 #: block's loads are all issued before its multiply-adds wait on them, so wide K blocks (up to a whole 4096-wide row)
 #: keep more bytes in flight. On an H100 it made the bench-8b batch-1 step 6 % faster on one GPU, and the TP4 step 6 %
 #: faster (docs/benchmarks.md, seventh and eighth rounds). It pushes to the peers too: with its pushes fc2 costs
-#: what fc1 (the same bytes) costs at TP2, and ~5 us more at TP4 (ninth round).
+#: what fc1 (the same bytes) costs at TP2; at TP4 it costs more, so there it stores and a push kernel follows
+#: (IN_KERNEL_PUSH_MAX_RANKS).
 GEMV_CONFIGS = (("gemv", 2, 2048, 4), ("gemv", 2, 4096, 8), ("gemv", 4, 1024, 4), ("gemv", 4, 2048, 8),
                 ("gemv", 8, 512, 4), ("gemv", 8, 1024, 8), ("gemv", 16, 512, 8))
 
@@ -773,10 +774,22 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dt
     return y
 
 
+#: Up to this many ranks a pushed product is pushed by the matmul's own programs; beyond, the matmul stores it and
+#: `_push_kernel` pushes it. In-kernel pushes save a launch at TP2 (bench-8b's step 2.353 against 2.428 ms), but on
+#: four H200s they slowed the matmul itself: the 340B-width fc2 took 221 us against 152 us for the same product
+#: stored locally (+ 9 us to push), and bench-8b's TP4 step was 1.761 against 1.703 ms (docs/benchmarks.md,
+#: eleventh round). Why was not profiled further; the pushes land at each of ~4600 programs' ends, on 3 peers.
+IN_KERNEL_PUSH_MAX_RANKS = 2
+
+
 def decode_linear_to_peers(x: torch.Tensor, w: torch.Tensor, target: PeerSum) -> PeerSum:
     """This rank's part of a row-parallel product, x [M, K] @ w[N, K]^T in float32, pushed into the peer
-    exchange as `target` (the skinny kernel's epilogue does it; after cuBLAS a small kernel does)."""
+    exchange as `target`: by the skinny kernel's epilogue (up to IN_KERNEL_PUSH_MAX_RANKS ranks), else by a
+    small kernel after the product (always after cuBLAS)."""
     assert target.shape == (x.shape[0], w.shape[0]) and can_exchange(x)
+    if target.xch.world > IN_KERNEL_PUSH_MAX_RANKS:
+        _push_launch(decode_linear(x, w, torch.float32), target)
+        return target
     cfg = _matmul_choice(x, w, torch.float32, False, target)
     if cfg is None:
         _push_launch(_cublas(x, w, torch.float32, False), target)
