@@ -19,6 +19,7 @@ weights and each rank draws only what its shard needs. Then, on the same card:
     torchrun --nproc-per-node 4 scripts/benchmark.py --suite decode --tp 4 --preset bench-8b --batches 1
     torchrun --nproc-per-node 4 scripts/benchmark.py --suite decode --tp 4 --preset nemotron-4-340b \\
         --layers auto --slope-layers 4 --batches 1 --extrapolate
+    python scripts/benchmark.py --fit tp1_340b.json tp4_340b.json   # the same 340B extrapolation, overheads fitted
     torchrun --nproc-per-node 4 scripts/benchmark.py --suite decode --tp 2 --pp 2 --preset bench-8b --batches 1
     python scripts/benchmark.py --suite kernels --preset bench-8b   # decode kernels alone vs cuBLAS / SDPA
     python scripts/benchmark.py --suite batching --preset bench-8b  # chunked prefill stall, batching throughput
@@ -857,6 +858,31 @@ def extrapolate(ctx: Ctx):
         ctx.log("extrapolate:", line)
 
 
+def fit_extrapolation(paths) -> list:
+    """340B on TP8 x PP2 from two runs (`--slope-layers`) of the 340B-width slice at different TP degrees on the same
+    card: fits each per-layer and fixed cost as bytes / tp + overhead, which `extrapolate` assumes is ~0 (it scales
+    everything but the all-reduces). Returns the arithmetic as lines."""
+    runs = sorted((json.load(open(p)) for p in paths), key=lambda r: r["tp"])
+    (a, b), full = runs, PRESETS["nemotron-4-340b"]
+    if a["tp"] == b["tp"] or a["env"]["gpu"] != b["env"]["gpu"] or not (a.get("slope") and b.get("slope")):
+        raise SystemExit("--fit needs two --slope-layers runs at different TP degrees on the same card")
+    lines = [f"measured on {a['env']['gpu']}: TP{a['tp']} and TP{b['tp']} ({a['date']}, {b['date']})"]
+    at8 = {}
+    for key, what in (("per_layer_ms", "per layer"), ("fixed_ms", "fixed (embedding, final norm, output, argmax)")):
+        ca, cb = a["slope"][key], b["slope"][key]
+        scaled = (ca - cb) / (1 / a["tp"] - 1 / b["tp"])  # the part that shrinks with the shard, at TP1
+        overhead = ca - scaled / a["tp"]
+        at8[key] = scaled / 8 + overhead
+        lines.append(f"{what}: TP{a['tp']} {ca:.4f} ms, TP{b['tp']} {cb:.4f} ms = {scaled:.4f} / tp + {overhead:.4f}"
+                     f" -> TP8 {scaled:.4f} / 8 + {overhead:.4f} = {at8[key]:.4f} ms")
+    hop = 0.05  # as `extrapolate`: one [1, 18432] bf16 send/recv between the two nodes per token
+    ms = full.num_layers * at8["per_layer_ms"] + at8["fixed_ms"] + hop
+    lines.append(f"per token = {full.num_layers} x {at8['per_layer_ms']:.4f} + {at8['fixed_ms']:.4f} + {hop} (hop, "
+                 f"assumed) = {ms:.2f} ms -> {1e3 / ms:.1f} tok/s (batch 1, CUDA graph per stage; overheads assumed "
+                 f"the same at TP8)")
+    return lines
+
+
 def decode_suite(ctx: Ctx, model, cache):
     """TP-scaling mode: batch decode ms/step (graph and eager), greedy tokens, per-layer slope, all-reduce."""
     a = ctx.args
@@ -1210,6 +1236,8 @@ def main():
                     help="decode suite: where the graph step's time goes, per kernel, at these batches")
     ap.add_argument("--slope-layers", type=int, default=0, help="also time the first K layers: per-layer cost")
     ap.add_argument("--extrapolate", action="store_true", help="340B on TP8xPP2 from this run's per-layer cost")
+    ap.add_argument("--fit", nargs=2, metavar="JSON", help="no run: 340B on TP8xPP2 fitted from two --slope-layers "
+                                                          "runs' JSON at different TP degrees on one card")
     ap.add_argument("--reserve-gb", type=float, default=8.0, help="--layers auto: GPU memory left for the rest")
     ap.add_argument("--budget-s", type=float, default=480, help="skip later stages past this many seconds")
     ap.add_argument("--out", default=None, help="JSON results")
@@ -1217,6 +1245,9 @@ def main():
     args = ap.parse_args()
     args.batches = [int(x) for x in args.batches.split(",") if x]
     args.profile = [int(x) for x in args.profile.split(",") if x]
+    if args.fit:
+        print("\n".join(fit_extrapolation(args.fit)))
+        return
 
     ps, dev = setup(args)
     cfg = TINY if args.preset == "tiny" else PRESETS[args.preset]
