@@ -311,7 +311,7 @@ def measure_roofline(ctx: Ctx):
     dst = torch.empty_like(src)
     ms = timed(ctx, lambda: dst.copy_(src), warmup=3, reps=20)
     copy = 2 * n * 2 / (ms * 1e-3) / 1e9
-    del src, dst
+    src = dst = None  # frees 4 GiB (a del would leave the lambda above a dangling name)
     m = 8192
     a = [torch.randn(m, m, dtype=torch.bfloat16, device=ctx.dev) for _ in range(2)]
     b = [torch.randn(m, m, dtype=torch.bfloat16, device=ctx.dev) for _ in range(2)]
@@ -321,10 +321,10 @@ def measure_roofline(ctx: Ctx):
         torch.mm(a[i[0] % 2], b[i[0] % 2])
         i[0] += 1
     ms_mm = timed(ctx, mm, warmup=5, reps=20)
-    del a, b
+    a = b = None
     torch.cuda.empty_cache()
-    ctx.result["roofline"] = {"copy_GBps": copy, "copy_ms_per_4GiB": ms, "matmul_TFLOPs": 2 * m ** 3 / (ms_mm * 1e-3) / 1e12,
-                              "matmul_shape": [m, m, m]}
+    ctx.result["roofline"] = {"copy_GBps": copy, "copy_ms_per_4GiB": ms,
+                              "matmul_TFLOPs": 2 * m ** 3 / (ms_mm * 1e-3) / 1e12, "matmul_shape": [m, m, m]}
     ctx.log(f"copy {copy:.0f} GB/s (read+write), bf16 matmul {ctx.result['roofline']['matmul_TFLOPs']:.0f} TFLOP/s")
 
 
@@ -557,7 +557,7 @@ def engine_ms(ctx: Ctx, model, stepper, prompts, steps) -> float:
     # medians of 3: one slow run of the short request alone once put this figure below the graph step
     t1 = wall_ms(ctx, lambda: eng.generate(req(1), prompts=rows), reps=3)
     tn = wall_ms(ctx, lambda: eng.generate(req(steps), prompts=rows), reps=3)
-    del eng
+    eng = None
     return (tn - t1) / (steps - 1)
 
 
@@ -709,7 +709,7 @@ def prefill_bench(ctx: Ctx, model, hf, tokens_n):
             res["hf_TFLOPs"] = flops / (ms_hf * 1e-3) / 1e12
         except Exception as exc:  # noqa: BLE001 - the peer's number is optional
             res["hf_error"] = repr(exc)
-    del cache
+    cache = None
     ctx.result["prefill"] = res
     ctx.save()
     ctx.log("prefill", res)
@@ -948,7 +948,7 @@ def kernels_suite(ctx: Ctx, cfg: ModelConfig):
                                       "cublas_GBps": N * K * 2 / (t["cublas"] * 1e-3) / 1e9}
             ctx.log(f"mm {name} M{M}: cublas {res[f'mm_{name}_M{M}']['cublas_GBps']:.0f} GB/s, best {best} "
                     f"{res[f'mm_{name}_M{M}']['best_GBps']:.0f} GB/s")
-        del w
+        w = None
     for n, kv in ((1, 256), (8, 256), (64, 256), (128, 256), (128, 1024), (1, 4096)):
         S = kv
         ck = torch.randn(n, ng, S, hn, dtype=torch.bfloat16, device=dev)
@@ -1121,8 +1121,8 @@ def plot(ctx: Ctx, path: str):
 
 def table(ctx: Ctx):
     r = ctx.result
-    print("\n==== summary", r.get("preset"), "layers", r.get("num_layers"), "TP", ctx.ps.tp_size, "PP", ctx.ps.pp_size, "|",
-          r.get("env", {}).get("gpu"), "====")
+    print("\n==== summary", r.get("preset"), "layers", r.get("num_layers"), "TP", ctx.ps.tp_size, "PP",
+          ctx.ps.pp_size, "|", r.get("env", {}).get("gpu"), "====")
     if "roofline" in r and r["roofline"].get("copy_GBps"):
         print(f"copy {r['roofline']['copy_GBps']:.0f} GB/s  matmul {r['roofline']['matmul_TFLOPs']:.0f} TFLOP/s")
     if r.get("decode"):
