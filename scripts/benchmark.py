@@ -862,9 +862,14 @@ def fit_extrapolation(paths) -> list:
     """340B on TP8 x PP2 from two runs (`--slope-layers`) of the 340B-width slice at different TP degrees on the same
     card: fits each per-layer and fixed cost as bytes / tp + overhead, which `extrapolate` assumes is ~0 (it scales
     everything but the all-reduces). Returns the arithmetic as lines."""
-    runs = sorted((json.load(open(p)) for p in paths), key=lambda r: r["tp"])
-    (a, b), full = runs, PRESETS["nemotron-4-340b"]
-    if a["tp"] == b["tp"] or a["env"]["gpu"] != b["env"]["gpu"] or not (a.get("slope") and b.get("slope")):
+    try:
+        runs = [json.load(open(p)) for p in paths]
+        (a, b) = sorted(runs, key=lambda r: r["tp"])
+        same_card = a["env"]["gpu"] == b["env"]["gpu"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--fit: cannot read {paths} as two benchmark.py result JSONs: {type(exc).__name__}: {exc}")
+    full = PRESETS["nemotron-4-340b"]
+    if a["tp"] == b["tp"] or not same_card or not (a.get("slope") and b.get("slope")):
         raise SystemExit("--fit needs two --slope-layers runs at different TP degrees on the same card")
     lines = [f"measured on {a['env']['gpu']}: TP{a['tp']} and TP{b['tp']} ({a['date']}, {b['date']})"]
     at8 = {}

@@ -32,3 +32,12 @@ def test_fit_refuses_runs_from_different_cards(tmp_path):
     out = fit(run_json(tmp_path / "a.json", 4), run_json(tmp_path / "b.json", 1, gpu="NVIDIA H100 80GB HBM3"))
     assert out.returncode != 0
     assert "same card" in out.stderr
+
+
+def test_fit_names_a_file_it_cannot_read(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for second in (str(bad), str(tmp_path / "missing.json")):
+        out = fit(run_json(tmp_path / "a.json", 4), second)
+        assert out.returncode != 0
+        assert "cannot read" in out.stderr and "Traceback" not in out.stderr
