@@ -64,6 +64,8 @@ def _grid_sync(BAR, nprog, NT: tl.constexpr, ONE_POLLER: tl.constexpr):
         else:
             while (tl.load(BAR + 32, volatile=True) == passed) & (polls < 16777216):
                 polls += 1
+        if polls >= 16777216:  # gave up waiting: not every program was resident (counted in BAR[63])
+            tl.atomic_add(BAR + 63, 1, sem="relaxed", scope="gpu")
     tl.atomic_add(BAR + 32, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
@@ -174,6 +176,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--ffn", type=int, default=16384)
     ap.add_argument("--tp", default="1,2,4", help="ffn shards to probe: f = ffn / tp")
+    ap.add_argument("--configs", default=None, help="BN:BK:warps,... (default: CONFIGS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
@@ -199,7 +202,8 @@ def main():
         a = torch.empty(1, f, device=dev, dtype=torch.bfloat16)
         y = torch.empty(1, h, device=dev, dtype=torch.bfloat16)
         bar = torch.zeros(64, device=dev, dtype=torch.int32)
-        for bn, bk, warps in CONFIGS:
+        configs = CONFIGS if not args.configs else [tuple(map(int, c.split(":"))) for c in args.configs.split(",")]
+        for bn, bk, warps in configs:
             if h % bk or f % bk:
                 continue
 
@@ -207,8 +211,10 @@ def main():
                 return _mlp_kernel[(nprog,)](x, w1, a, w2, y, bar, f, h, nprog, K1=h, K2=f, PHASES=phases,
                                              EARLY=early, ONE_POLLER=one_poller, PF_BLOCKS=pf, NT=32 * warps,
                                              BN=bn, BK=bk, num_warps=warps, num_stages=1, **pdl)
-            fits = {kind: resident_per_sm(launch(1, *v), warps, dev) for kind, v in FUSED.items()}  # compiles each
-            fits["split"] = resident_per_sm(launch(1, 2), warps, dev)
+            compiled = {kind: launch(1, *v) for kind, v in FUSED.items()}  # compiles each
+            compiled["split"] = launch(1, 2)
+            fits = {kind: resident_per_sm(k, warps, dev) for kind, k in compiled.items()}
+            row.setdefault("registers", {})[f"bn{bn} bk{bk} w{warps}"] = {k: v.n_regs for k, v in compiled.items()}
             row.setdefault("resident_per_sm", {})[f"bn{bn} bk{bk} w{warps}"] = fits
             for per_sm in PER_SM:
                 nprog = per_sm * sms
@@ -221,12 +227,14 @@ def main():
                         continue
                     a.zero_()
                     y.zero_()
+                    bar[63] = 0
                     fn()
                     torch.cuda.synchronize()
                     err = (y.float() - y_ref.float()).abs().max().item()
                     row["max_err"][f"{kind} {name}"] = err
                     if not err <= 4 * row["max_err"]["product"] + 1e-2:
-                        row["errors"][f"{kind} {name}"] = f"wrong result: max error {err:.3g}"
+                        row["errors"][f"{kind} {name}"] = (f"wrong result: max error {err:.3g}, "
+                                                           f"{int(bar[63])} programs gave up at the barrier")
                         continue
                     row["times_us"][f"{kind} {name}"] = 1000 * kernels.graph_time_ms(fn)
         times = row["times_us"]
