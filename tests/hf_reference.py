@@ -1,4 +1,5 @@
-"""Helpers to build Hugging Face NemotronForCausalLM from our config and MCore-named weights (the numerical reference)."""
+"""Helpers to build Hugging Face NemotronForCausalLM from our config and MCore-named weights (the numerical
+reference)."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """One rank of the lockstep fault test (run under torchrun, TP2 gloo): an engine iteration raises on every rank
-while a request whose prompt is "FAIL" runs (injected into this process's engine); rank 0 must get GenerationError, and the
-ranks must stay in step so the next request succeeds. Rank 0 writes what it saw to OUT as JSON."""
+while a request whose prompt is "FAIL" runs (injected into this process's engine); rank 0 must get GenerationError,
+and the ranks must stay in step so the next request succeeds. Rank 0 writes what it saw to OUT as JSON."""
 import json
 import os
 import sys

@@ -90,7 +90,8 @@ def test_zarr_tp2_rank_reads_exactly_its_rows(rank, tiny_cfg, tiny_state, monkey
     model, ref = lm.model, rounded(tiny_state, torch.bfloat16)
     r = rank
     # spelled out, independent of ShardSpec.slices(): column-parallel rows, row-parallel columns
-    assert torch.equal(model.embedding.word_embeddings.weight, ref["embedding.word_embeddings.weight"][r * 256:(r + 1) * 256])
+    assert torch.equal(model.embedding.word_embeddings.weight,
+                       ref["embedding.word_embeddings.weight"][r * 256:(r + 1) * 256])
     assert torch.equal(model.output_layer.weight, ref["output_layer.weight"][r * 256:(r + 1) * 256])
     for i in range(tiny_cfg.num_layers):
         layer, p = model.decoder.layers[i], f"decoder.layers.{i}."
@@ -135,7 +136,8 @@ def test_hf_tp2_rank_reads_its_query_groups(rank, hf_dir, tiny_state):
     for local, spec in shard_specs(lm.model).items():
         assert torch.equal(lm.model.get_parameter(local), tiny_state[spec.name][spec.slices()]), spec.name
     qkv = lm.model.decoder.layers[1].self_attention.linear_qkv.weight
-    assert torch.equal(qkv, tiny_state["decoder.layers.1.self_attention.linear_qkv.weight"][rank * 128:(rank + 1) * 128])
+    assert torch.equal(qkv,
+                       tiny_state["decoder.layers.1.self_attention.linear_qkv.weight"][rank * 128:(rank + 1) * 128])
 
 
 def test_hf_dir_is_what_transformers_loads(hf_dir, tiny_cfg, tiny_state, prompt, reference_logits):

@@ -75,7 +75,8 @@ def test_out_of_range_region(tmp_path):
         ZarrArray(str(tmp_path / "a"), "t").read((slice(0, 5), slice(0, 4)))
 
 
-@pytest.mark.parametrize("field,value,message", [("dtype", "|O", "unsupported dtype"), ("zarr_format", 3, "zarr_format"),
+@pytest.mark.parametrize("field,value,message", [("dtype", "|O", "unsupported dtype"),
+                                                 ("zarr_format", 3, "zarr_format"),
                                                  ("filters", [{"id": "delta"}], "filters"),
                                                  ("order", "K", "order"), ("chunks", [0, 2], "chunks")])
 def test_bad_metadata(field, value, message, tmp_path):

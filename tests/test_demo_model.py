@@ -42,7 +42,8 @@ def tokenizer(nemo_cfg) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def model(nemo_cfg) -> NemotronModel:
-    """Read exactly as a real checkpoint is: NeMo config keys, vocab rows from the stored embedding shape, torch_dist."""
+    """Read exactly as a real checkpoint is: NeMo config keys, vocab rows from the stored embedding shape,
+    torch_dist."""
     from nemotron.checkpoint import torch_dist
 
     ckpt = str(DEMO / "model_weights")

@@ -319,7 +319,8 @@ def test_every_validated_key_has_a_bad_value_case():
 
 @pytest.mark.parametrize(
     "key, int_value, bool_value",
-    [("tokens_to_generate", 5, True), ("top_k", 1, True), ("min_tokens_to_generate", 1, True), ("random_seed", 1, True)],
+    [("tokens_to_generate", 5, True), ("top_k", 1, True), ("min_tokens_to_generate", 1, True),
+     ("random_seed", 1, True)],
 )
 def test_bool_for_int_refused_but_int_accepted(key, int_value, bool_value):
     assert getattr(parse_request(ok(**{key: int_value})), key) == int_value
