@@ -669,10 +669,16 @@ def _gemv_launch(x, w, y, relu2, cfg, target: Optional[PeerSum]):
                                         **_pdl(x))
 
 
+#: Values per push-kernel program: few, so a [1, h] product is pushed from many SMs at once. With 1024 (4 programs
+#: for h = 4096, 18 for 18432) the push after a 340B-width product took 8.7 us at TP4 on H200s; with 256, 6.0
+#: (docs/benchmarks.md, twelfth round).
+PUSH_BLOCK = 256
+
+
 def _push_launch(y: torch.Tensor, target: PeerSum) -> None:
     M, N = y.shape
-    block = min(1024, triton.next_power_of_2(N))
-    _push_kernel[(M, triton.cdiv(N, block))](Y=y, M=M, N=N, BLOCK=block, num_warps=4, **target.producer_args(),
+    block = min(PUSH_BLOCK, triton.next_power_of_2(N))
+    _push_kernel[(M, triton.cdiv(N, block))](Y=y, M=M, N=N, BLOCK=block, num_warps=2, **target.producer_args(),
                                               **_pdl(y))
 
 
