@@ -4,7 +4,8 @@ Triton's interpreter, tests/test_gpu.py on a GPU).
 Each rank's exchange words are an ordinary tensor; every rank's producer writes through the address table into
 all of them, as it writes into its peers' memory over NVLink on a multi-GPU host. Producers push their parts, each
 value with the sum's flag in one word. Consumers add the parts in rank order: the sum alone, add+LayerNorm (parts
-added in its own program, or by `sum_parts` first), and add+LayerNorm before the next matmul. Each must match the
+added in its own program, by `sum_parts` first, or, for wide rows, by many programs that also make the LayerNorm's
+block statistics), and add+LayerNorm before the next matmul. Each must match the
 same kernels given the summed tensor: the sums bit for bit, the LayerNorm to rounding (on a GPU a consumer reading
 every rank's words runs more warps, which sum its statistics in another order). Every producer path (skinny
 kernel, split-K reduction, cuBLAS + push kernel, the one-row CUDA-core kernel, and `decode_linear_to_peers` on either
@@ -82,11 +83,16 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
             torch.testing.assert_close(plain_y.float(), ref_y, **tol)
             plain_h = kernels.decode_linear(plain_y, w_next)  # a pending sum's LayerNorm is never fused
             torch.testing.assert_close(plain_h.float(), ref_y @ w_next.float().t(), **tol_mm)
-            default = kernels.PARTS_PER_ROW_PROGRAM
+            default, one_program_width, wide_block = (kernels.PARTS_PER_ROW_PROGRAM, kernels.LN_ONE_PROGRAM_MAX_WIDTH,
+                                                      kernels.LN_WIDE_BLOCK)
             for r in range(TP):
                 assert torch.equal(kernels.sum_parts(pending[r]), total)
-                for per_program in (default, 0):  # parts added inside add+LayerNorm, or by sum_parts first
+                # parts added inside add+LayerNorm's one program, or by sum_parts first, or (a wide row) by the
+                # add+statistics kernel's programs, 16 columns each
+                for per_program, wide in ((default, False), (0, False), (default, True)):
                     kernels.PARTS_PER_ROW_PROGRAM = per_program
+                    kernels.LN_ONE_PROGRAM_MAX_WIDTH, kernels.LN_WIDE_BLOCK = (0, 16) if wide else (
+                        one_program_width, wide_block)
                     # The sum must match bit for bit. The LayerNorm only to rounding: a kernel reading every
                     # rank's words runs more warps, so on a GPU its statistics are summed in another order.
                     s, y = kernels.add_layer_norm(x, pending[r], g, b, 1e-5)
@@ -96,3 +102,4 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
                     assert torch.equal(s2, plain_s), (call, r, per_program)
                     torch.testing.assert_close(h.float(), plain_h.float(), **tol_mm)
                 kernels.PARTS_PER_ROW_PROGRAM = default
+                kernels.LN_ONE_PROGRAM_MAX_WIDTH, kernels.LN_WIDE_BLOCK = one_program_width, wide_block

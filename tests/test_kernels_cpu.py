@@ -5,7 +5,8 @@
 * Their Triton kernels (and add+LayerNorm fused into the matmul) in Triton's interpreter (TRITON_INTERPRET=1,
   a subprocess) against the torch versions, in float32 (the interpreter has no bfloat16 matrix product; the GPU
   benchmark checks bf16 on the card): several KV splits, empty splits, rows of different lengths, head sizes
-  that are not powers of two, the relu^2 epilogue, float32 output and float32 residual deltas.
+  that are not powers of two, the relu^2 epilogue, float32 output and float32 residual deltas, and add+LayerNorm
+  of wide rows by blocks (statistics, then normalisation).
 """
 import os
 
@@ -131,6 +132,18 @@ for M, N, K in [(1, 48, 40), (2, 100, 96)]:
             torch.testing.assert_close(tri[0], ref[0], rtol=0, atol=0)
             torch.testing.assert_close(tri[1], ref[1], rtol=1e-5, atol=1e-4)
 assert kernels._ln_choice and all(v is not None for v in kernels._ln_choice.values()), "the fused kernel ran"
+
+# add + LayerNorm of wide rows: programs of LN_WIDE_BLOCK columns add and write block statistics, then others
+# normalise; here 16-column blocks, the last one partial, with and without the delta
+defaults = kernels.LN_ONE_PROGRAM_MAX_WIDTH, kernels.LN_WIDE_BLOCK
+kernels.LN_ONE_PROGRAM_MAX_WIDTH, kernels.LN_WIDE_BLOCK = 0, 16
+for n, h in [(3, 40), (1, 100)]:
+    x, g, b = torch.randn(n, h) * 3 + 1, torch.randn(h), torch.randn(h)
+    for delta in (None, torch.randn(n, h)):
+        tri, ref = both(lambda: kernels.add_layer_norm(x, delta, g, b, 1e-5))
+        torch.testing.assert_close(tri[0], ref[0], rtol=0, atol=0)
+        torch.testing.assert_close(tri[1], ref[1], rtol=1e-5, atol=1e-5)
+kernels.LN_ONE_PROGRAM_MAX_WIDTH, kernels.LN_WIDE_BLOCK = defaults
 print("KERNELS-INTERPRET-OK")
 """
 

@@ -178,6 +178,54 @@ if triton is not None:
         tl.store(Y + row * N + offs, (diff * rstd * g + b).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
+    def _add_stats_kernel(X, D, R, STATS, N, DEPOCH, d_call, d_part_stride, HAS_D: tl.constexpr,
+                          DTP: tl.constexpr, DTP2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Program (row, block of columns) of a wide row: s = x + d as `_add_ln_kernel` makes it (stored to R),
+        and the block's LayerNorm statistics (its sum, and the sum of squares about its own mean) to STATS."""
+        if PDL:
+            _pdl_enter()
+        row = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        cols = blk * BLOCK + tl.arange(0, BLOCK)
+        m = cols < N
+        x = tl.load(X + row * N + cols, mask=m, other=0.0)
+        if HAS_D:
+            s = _add_rounded(x, _load_delta(D, row * N + cols, m, d_part_stride, DEPOCH, d_call, DTP, DTP2), R)
+            tl.store(R + row * N + cols, s, mask=m)
+            xf = s.to(tl.float32)
+        else:
+            xf = x.to(tl.float32)
+        total = tl.sum(tl.where(m, xf, 0.0), axis=0)
+        diff = tl.where(m, xf - total / tl.minimum(N - blk * BLOCK, BLOCK), 0.0)
+        at = (row * tl.num_programs(1) + blk) * 2
+        tl.store(STATS + at, total)
+        tl.store(STATS + at + 1, tl.sum(diff * diff, axis=0))
+
+    @triton.jit
+    def _ln_apply_kernel(S, STATS, Y, G, Bias, N, eps, NBLK: tl.constexpr, NBLK2: tl.constexpr,
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Program (row, block of columns): the row's mean and variance from its NBLK blocks' statistics (Chan's
+        pairwise combination: no cancellation), then y = LayerNorm(s) * g + b on this block."""
+        if PDL:
+            _pdl_enter()
+        row = tl.program_id(0).to(tl.int64)
+        b = tl.arange(0, NBLK2)
+        live = b < NBLK
+        total = tl.load(STATS + (row * NBLK + b) * 2, mask=live, other=0.0)
+        m2 = tl.load(STATS + (row * NBLK + b) * 2 + 1, mask=live, other=0.0)
+        count = tl.where(live, tl.minimum(N - b * BLOCK, BLOCK), 1).to(tl.float32)
+        mean = tl.sum(total, axis=0) / N
+        dev = tl.where(live, total / count - mean, 0.0)
+        var = (tl.sum(m2, axis=0) + tl.sum(count * dev * dev, axis=0)) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < N
+        xf = tl.load(S + row * N + cols, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(G + cols, mask=m, other=0.0).to(tl.float32)
+        bias = tl.load(Bias + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * N + cols, ((xf - mean) * rstd * g + bias).to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _rope_cache_kernel(QKV, COS, SIN, POS, SLOTS, Q, CK, CV, qkv_row_stride, slot_stride, group_stride,
                            HPG: tl.constexpr, HN: tl.constexpr, R: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
@@ -269,6 +317,12 @@ def can_exchange(x: torch.Tensor) -> bool:
 #: elements per row (4 x 4096 measured well on an H100); wider rows take a many-program `sum_parts` first (one
 #: program reading 4 x 18432 float32 parts made the 340B slice's step slower than the all-reduce kernel).
 PARTS_PER_ROW_PROGRAM = 16384
+#: Rows up to this wide are added and normalised by one program each. Wider rows (the 340B's 18432) take two
+#: kernels of many programs, LN_WIDE_BLOCK columns each: add (the parts too) + block statistics, then normalise.
+#: One program took 5.1 us a row at 18432 on an H200, plus 1.4 us of `sum_parts` under TP (docs/benchmarks.md,
+#: twelfth round).
+LN_ONE_PROGRAM_MAX_WIDTH = 8192
+LN_WIDE_BLOCK = 1024
 
 
 def add_layer_norm(x: torch.Tensor, delta: Delta, gamma: torch.Tensor, beta: torch.Tensor,
@@ -280,14 +334,33 @@ def add_layer_norm(x: torch.Tensor, delta: Delta, gamma: torch.Tensor, beta: tor
         s = x if delta is None else x + delta.to(x.dtype)
         return s, F.layer_norm(s, (s.shape[-1],), gamma, beta, eps)
     n, h = x.shape
+    if h > LN_ONE_PROGRAM_MAX_WIDTH:
+        return _add_layer_norm_wide(x, delta, gamma, beta, eps)
     if isinstance(delta, PeerSum) and delta.xch.world * h > PARTS_PER_ROW_PROGRAM:
-        delta = sum_parts(delta)  # wide rows: many programs add the parts up, then one per row normalises
+        delta = sum_parts(delta)  # many parts: many programs add them up, then one per row normalises
     block = triton.next_power_of_2(h)
     s = x if delta is None else torch.empty_like(x)
     y = torch.empty_like(x)
     _add_ln_kernel[(n,)](
         X=x, R=s, Y=y, G=gamma, Bias=beta, N=h, eps=eps, HAS_D=delta is not None, BLOCK=block,
         num_warps=_parts_warps(block, delta), **_delta_args(delta, x), **_pdl(x))
+    return s, y
+
+
+def _add_layer_norm_wide(x: torch.Tensor, delta: Delta, gamma: torch.Tensor, beta: torch.Tensor,
+                         eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`add_layer_norm` for wide rows: [n, blocks] programs add (a pending peer sum's parts too) and write each
+    block's statistics [n, blocks, 2], then [n, blocks] programs normalise."""
+    n, h = x.shape
+    block = min(LN_WIDE_BLOCK, triton.next_power_of_2(h))
+    nblk = triton.cdiv(h, block)
+    s = x if delta is None else torch.empty_like(x)
+    stats = torch.empty(n, nblk, 2, dtype=torch.float32, device=x.device)
+    _add_stats_kernel[(n, nblk)](X=x, R=s, STATS=stats, N=h, HAS_D=delta is not None, BLOCK=block,
+                                 num_warps=_parts_warps(block, delta), **_delta_args(delta, x), **_pdl(x))
+    y = torch.empty_like(x)
+    _ln_apply_kernel[(n, nblk)](S=s, STATS=stats, Y=y, G=gamma, Bias=beta, N=h, eps=eps, NBLK=nblk,
+                                NBLK2=triton.next_power_of_2(nblk), BLOCK=block, num_warps=4, **_pdl(x))
     return s, y
 
 
