@@ -319,8 +319,8 @@ def can_exchange(x: torch.Tensor) -> bool:
 PARTS_PER_ROW_PROGRAM = 16384
 #: Rows up to this wide are added and normalised by one program each. Wider rows (the 340B's 18432) take two
 #: kernels of many programs, LN_WIDE_BLOCK columns each: add (the parts too) + block statistics, then normalise.
-#: One program took 5.1 us a row at 18432 on an H200, plus 1.4 us of `sum_parts` under TP (docs/benchmarks.md,
-#: twelfth round).
+#: At 18432 on four H200s one program took 5.1 us a row, plus 1.4 us of `sum_parts`; the two kernels take 3.7 us
+#: less (docs/benchmarks.md, twelfth round).
 LN_ONE_PROGRAM_MAX_WIDTH = 8192
 LN_WIDE_BLOCK = 1024
 
