@@ -1,4 +1,5 @@
-"""A dead worker rank is noticed: rank 0 exits non-zero within 60 s naming it, and nothing is left running.
+"""A dead worker rank is noticed: rank 0 exits non-zero within 60 s naming it, and nothing is left running. Before
+heartbeats run (collective setup), a deadline ends a collective that a peer never joins.
 
 Ranks are started by hand with torchrun's variables (not under torchrun, whose agent would kill the others
 itself), so the test exercises our own heartbeat watch.
@@ -93,3 +94,37 @@ def _put_quietly(port, payload):
         requests.put(f"http://127.0.0.1:{port}/generate", json=payload, timeout=90)
     except requests.RequestException:
         pass
+
+
+_PEER_NEVER_JOINS = r"""
+import os, sys, time, datetime
+import torch, torch.distributed as dist
+from nemotron.parallel.runtime import exit_unless_done_within
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=600))
+with exit_unless_done_within(30, "a step every rank does"):  # one that finishes: the watch must stand down
+    dist.barrier()
+time.sleep(1 if rank == 0 else 60)  # rank 1 never joins the collective below, nor exits
+if rank == 0:
+    with exit_unless_done_within(2, "rank 0: the test's collective"):
+        dist.all_reduce(torch.ones(1))
+    print("not reached", flush=True)
+"""
+
+
+def test_a_collective_a_peer_never_joins_ends_at_the_deadline():
+    """What guards the TP group's symmetric-memory setup in init_runtime: rank 0 blocked in a real gloo
+    collective that rank 1 never joins (the group's own timeout is 10 minutes) exits with code 3 at the deadline,
+    naming the step; a step that finished in time (the barrier) does not trip it."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _PEER_NEVER_JOINS, str(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for r in range(2)]
+    try:
+        start = time.time()
+        out, err = procs[0].communicate(timeout=50)
+        assert procs[0].returncode == 3, (out, err[-2000:])
+        assert "rank 0: the test's collective did not finish within 2 s" in err, err[-2000:]
+        assert "not reached" not in out
+        assert time.time() - start < 40
+    finally:
+        finish(procs)

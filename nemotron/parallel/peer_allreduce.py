@@ -195,6 +195,7 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
                    symm_mem.empty(exchange_bytes, dtype=torch.uint8, device=device) if want_exchange else None)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
+        log.warning("symmetric memory unavailable on this rank: %s", error)
     # Allocating is local, mapping is collective: a rank enters the rendezvous only once every rank has its buffers,
     # so one that failed never leaves the others waiting there.
     if _everyone(buffers is not None, group, device):
@@ -203,7 +204,10 @@ def enable_peer_all_reduce(group: Optional[dist.ProcessGroup], device: torch.dev
             if want_exchange:
                 exchange = PeerExchange.over_group(group, buffers[1], max_bytes // 4)
         except Exception as exc:
+            # Said now: if the peers are still inside the rendezvous, the agreement below waits for them, and
+            # only init_runtime's deadline ends the wait.
             error = f"{type(exc).__name__}: {exc}"
+            log.warning("symmetric-memory rendezvous failed on this rank: %s", error)
     # Every rank must take the same path in every decode step: on only if it is on everywhere.
     if not _everyone(peer is not None and (exchange is not None or not want_exchange), group, device):
         log.info("peer all-reduce off for group %s (%s); NCCL carries every all-reduce", group.group_name,

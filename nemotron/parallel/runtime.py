@@ -7,6 +7,7 @@ and a TCP store carries heartbeats so a dead rank is noticed quickly and named.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -140,6 +141,28 @@ def _die(message: str) -> None:
     os._exit(3)
 
 
+#: Seconds every TP rank may take to set up the peer exchange (symmetric memory); a few normally.
+PEER_SETUP_TIMEOUT_S = 300.0
+
+
+@contextlib.contextmanager
+def exit_unless_done_within(seconds: float, what: str) -> Iterator[None]:
+    """Exit the process (code 3, naming `what`) if the block has not finished within `seconds`. For collective
+    setup that heartbeats do not cover yet: when a peer fails or hangs part-way through symmetric memory's
+    rendezvous, the others wait in the store for the collective timeout (hours), and Python cannot interrupt
+    them."""
+    done = threading.Event()
+
+    def watch():
+        if not done.wait(seconds):
+            _die(f"{what} did not finish within {seconds:.0f} s: a peer failed or hung during it; exiting")
+    threading.Thread(target=watch, name="deadline", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def init_runtime(tp: int, pp: int, devices: int = 1, num_nodes: int = 1, *, cpu: bool = False,
                  control_timeout_s: float = 120.0, collective_timeout_s: float = 18000.0) -> Runtime:
     """Discover our rank, check the world, start process groups; returns the Runtime for this process."""
@@ -179,5 +202,6 @@ def init_runtime(tp: int, pp: int, devices: int = 1, num_nodes: int = 1, *, cpu:
     ps = ParallelState(tp_size=tp, pp_size=pp, rank=launch.rank, device=device,
                        tp_group=tp_group if tp > 1 else None, pp_group=pp_group if pp > 1 else None)
     if use_cuda and tp > 1:
-        enable_peer_all_reduce(tp_group, device)
+        with exit_unless_done_within(PEER_SETUP_TIMEOUT_S, f"rank {launch.rank}: the TP group's peer-exchange setup"):
+            enable_peer_all_reduce(tp_group, device)
     return Runtime(ps, launch, control, store)
