@@ -5,9 +5,9 @@ Each rank's exchange words are an ordinary tensor; every rank's producer writes 
 all of them, as it writes into its peers' memory over NVLink on a multi-GPU host. Producers push their parts, each
 value with the sum's flag in one word. Consumers add the parts in rank order: the sum alone, add+LayerNorm (parts
 added in its own program, by `sum_parts` first, or, for wide rows, by many programs that also make the LayerNorm's
-block statistics), and add+LayerNorm before the next matmul. Each must match the
-same kernels given the summed tensor: the sums bit for bit, the LayerNorm to rounding (on a GPU a consumer reading
-every rank's words runs more warps, which sum its statistics in another order). Every producer path (skinny
+block statistics), and add+LayerNorm before the next matmul. Each must match the same kernels given the summed
+tensor: the sums bit for bit, the LayerNorm to rounding (on a GPU a consumer reading every rank's words runs more
+warps, which sum its statistics in another order). Every producer path (skinny
 kernel, split-K reduction, cuBLAS + push kernel, the one-row CUDA-core kernel, and `decode_linear_to_peers` on either
 side of IN_KERNEL_PUSH_MAX_RANKS), both regions, two steps (epochs), and the rehearsals producers are timed on.
 """

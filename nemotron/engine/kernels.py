@@ -156,6 +156,20 @@ if triton is not None:
         return (yf * yf).to(y.dtype)
 
     @triton.jit
+    def _load_sum(X, D, R, offs, m, DEPOCH, d_call, d_part_stride, HAS_D: tl.constexpr, DTP: tl.constexpr,
+                  DTP2: tl.constexpr):
+        """s = x + d at offs, as float32: d (a tensor, maybe the TP all-reduce's float32 sum, or DTP peer parts)
+        rounded to the activation dtype and added as eager does, s stored to R. Without d, x itself."""
+        x = tl.load(X + offs, mask=m, other=0.0)
+        if HAS_D:
+            s = _add_rounded(x, _load_delta(D, offs, m, d_part_stride, DEPOCH, d_call, DTP, DTP2), R)
+            tl.store(R + offs, s, mask=m)
+            xf = s.to(tl.float32)
+        else:
+            xf = x.to(tl.float32)
+        return xf
+
+    @triton.jit
     def _add_ln_kernel(X, D, R, Y, G, Bias, N, eps, DEPOCH, d_call, d_part_stride, HAS_D: tl.constexpr,
                        DTP: tl.constexpr, DTP2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One row: s = x + d (rounded to the activation dtype, as eager does), y = LayerNorm(s) * g + b.
@@ -165,13 +179,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         m = offs < N
-        x = tl.load(X + row * N + offs, mask=m, other=0.0)
-        if HAS_D:  # d may be the TP all-reduce's float32 sum
-            s = _add_rounded(x, _load_delta(D, row * N + offs, m, d_part_stride, DEPOCH, d_call, DTP, DTP2), R)
-            tl.store(R + row * N + offs, s, mask=m)
-            xf = s.to(tl.float32)
-        else:
-            xf = x.to(tl.float32)
+        xf = _load_sum(X, D, R, row * N + offs, m, DEPOCH, d_call, d_part_stride, HAS_D, DTP, DTP2)
         _, diff, rstd = _ln_stats(xf, m, N, eps)
         g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
         b = tl.load(Bias + offs, mask=m, other=0.0).to(tl.float32)
@@ -188,13 +196,7 @@ if triton is not None:
         blk = tl.program_id(1)
         cols = blk * BLOCK + tl.arange(0, BLOCK)
         m = cols < N
-        x = tl.load(X + row * N + cols, mask=m, other=0.0)
-        if HAS_D:
-            s = _add_rounded(x, _load_delta(D, row * N + cols, m, d_part_stride, DEPOCH, d_call, DTP, DTP2), R)
-            tl.store(R + row * N + cols, s, mask=m)
-            xf = s.to(tl.float32)
-        else:
-            xf = x.to(tl.float32)
+        xf = _load_sum(X, D, R, row * N + cols, m, DEPOCH, d_call, d_part_stride, HAS_D, DTP, DTP2)
         total = tl.sum(tl.where(m, xf, 0.0), axis=0)
         diff = tl.where(m, xf - total / tl.minimum(N - blk * BLOCK, BLOCK), 0.0)
         at = (row * tl.num_programs(1) + blk) * 2
