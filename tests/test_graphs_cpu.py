@@ -205,48 +205,5 @@ print("TRITON-INTERPRET-OK")
 """
 
 
-_INTERPRET_ROPE_EPILOGUE = r"""
-import torch
-from nemotron.engine import kernels
-torch.manual_seed(0)
-S, K = 16, 40
-for dtype in (torch.float32, torch.bfloat16):
-    # partial rotary with a head size that is not a power of two; full rotary; one query head a group
-    for ng, hpg, hn, r in [(2, 3, 24, 12), (1, 2, 16, 16), (2, 1, 20, 8)]:
-        x, w = torch.randn(1, K).to(dtype), torch.randn(ng * (hpg + 2) * hn, K).to(dtype)
-        ang = torch.rand(S, r // 2) * 50
-        cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
-        pos, slots = torch.tensor([11]), torch.tensor([2])
-        # a program of 2 rows, of 4 with K not a multiple of its blocks, of 16 (pairs of several heads)
-        for cfg in [("gemv", 2, 64, 4), ("gemv", 4, 16, 4), ("gemv", 16, 32, 4)]:
-            caches = [torch.full((3, ng, S, hn), 9.0, dtype=dtype) for _ in range(4)]
-            y = torch.empty(1, w.shape[0], dtype=dtype)
-            kernels._gemv_launch(x, w, y, False, cfg, None)
-            ref = kernels.rope_to_cache(y, cos, sin, pos, slots, caches[0], caches[1], ng, hpg, hn)
-            got = kernels._gemv_rope_launch(x, w, cfg, cos, sin, pos, slots, caches[2], caches[3], ng, hpg, hn)
-            for name, a, b in (("q", got, ref), ("k", caches[2], caches[0]), ("v", caches[3], caches[1])):
-                assert torch.equal(a, b), (dtype, ng, hpg, hn, r, cfg, name, (a.float() - b.float()).abs().max())
-        # the layer's entry point takes the fused kernel when the product's choice is the CUDA-core one
-        key = (1, tuple(w.shape), w.dtype, dtype, False, x.device, False)
-        kernels._skinny_choice[key] = ("gemv", 4, 16, 4)
-        g, b, d = torch.randn(K).to(dtype), torch.randn(K).to(dtype), torch.randn(1, K)
-        caches = [torch.full((3, ng, S, hn), 9.0, dtype=dtype) for _ in range(4)]
-        s, q = kernels.add_layer_norm_qkv_rope_to_cache(x, d, g, b, 1e-5, w, cos, sin, pos, slots, caches[2],
-                                                        caches[3], ng, hpg, hn)
-        s_ref, h = kernels.add_layer_norm(x, d, g, b, 1e-5)
-        q_ref = kernels.rope_to_cache(kernels.decode_linear(h, w), cos, sin, pos, slots, caches[0], caches[1], ng,
-                                      hpg, hn)
-        assert torch.equal(s, s_ref) and torch.equal(q, q_ref) and torch.equal(caches[2], caches[0])
-        assert torch.equal(caches[3], caches[1]) and not torch.equal(caches[2], caches[3])
-        del kernels._skinny_choice[key]
-print("ROPE-EPILOGUE-OK")
-"""
-
-
-def test_qkv_product_with_rope_in_its_epilogue_equals_the_two_kernels():
-    """For one row on the CUDA-core matmul, RoPE and the cache writes run in the qkv product's epilogue: the same
-    q, k and v as the product followed by the RoPE kernel, bit for bit (Triton's interpreter)."""
-    run_in_triton_interpreter(_INTERPRET_ROPE_EPILOGUE, "ROPE-EPILOGUE-OK")
-
 def test_triton_kernels_in_interpreter_equal_torch():
     run_in_triton_interpreter(_INTERPRET, "TRITON-INTERPRET-OK")

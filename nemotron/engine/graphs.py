@@ -6,18 +6,18 @@ of them tiny (RoPE alone is a dozen), so on an H100 the launch gaps cost as much
 step is
 
 * fused: per layer `add+LayerNorm1p` (Triton; for one or two rows it runs in the next matmul's prologue) -> QKV
-  matmul -> `RoPE + cache write + q layout` (Triton; for one row on the CUDA-core matmul, in its epilogue) -> decode
-  attention (Triton: a group's query heads against its cached keys, each row only up to its own position, split over
-  the keys when rows are few) -> proj matmul (+TP sum) -> `add+LayerNorm1p` -> fc1 with relu^2 -> fc2 (+TP sum). The
-  matmuls (`decode_linear`) run cuBLAS or a skinny Triton kernel (for one row also a CUDA-core one), whichever was
-  faster for that weight on first use. Under TP their partial sums stay float32 and the next add+LayerNorm rounds
-  the total once. With a peer exchange (CUDA, TP group on symmetric memory) there is no all-reduce kernel: the
-  matmul (at TP2; beyond, a small kernel after it) pushes its part into every rank's exchange buffer and the
-  add+LayerNorm adds the parts up (`PeerSum`); otherwise an all-reduce kernel sums them (through the peers' memory
-  for small messages, else NCCL). LayerNorm1p's `gamma = weight + 1` is computed once per weight version, not per
-  step. Before the layers, the first stage looks its tokens up in one kernel (this rank's vocabulary shard, zeros
-  for the others' ids, then the TP sum), and RoPE's cos/sin come from tables made once per cache length (the kernels
-  before the first layer went 17 -> 3 at TP2, 8 -> 1 at TP1);
+  matmul -> `RoPE + cache write + q layout` (Triton) -> decode attention (Triton: a group's query heads against its
+  cached keys, each row only up to its own position, split over the keys when rows are few) -> proj matmul (+TP sum)
+  -> `add+LayerNorm1p` -> fc1 with relu^2 -> fc2 (+TP sum). The matmuls (`decode_linear`) run cuBLAS or a skinny
+  Triton kernel (for one row also a CUDA-core one), whichever was faster for that weight on first use. Under TP their
+  partial sums stay float32 and the next add+LayerNorm rounds the total once. With a peer exchange (CUDA, TP group on
+  symmetric memory) there is no all-reduce kernel: the matmul (at TP2; beyond, a small kernel after it) pushes its
+  part into every rank's exchange buffer and the add+LayerNorm adds the parts up (`PeerSum`); otherwise an
+  all-reduce kernel sums them (through the peers' memory for small messages, else NCCL). LayerNorm1p's
+  `gamma = weight + 1` is computed once per weight version, not per step. Before the layers, the first stage looks
+  its tokens up in one kernel (this rank's vocabulary shard, zeros for the others' ids, then the TP sum), and RoPE's
+  cos/sin come from tables made once per cache length (the kernels before the first layer went 17 -> 3 at TP2,
+  8 -> 1 at TP1);
 * captured in a CUDA graph per batch bucket (1, 2, 4, ... 128) and KV bucket (the keys read are rounded up to a
   multiple of 64..512, never the whole cache), lazily on first use, all graphs sharing one memory pool; a replay
   only copies the step's token ids and positions into the graph's static inputs.
@@ -45,9 +45,8 @@ import torch
 import torch.distributed as dist
 
 from nemotron.engine.forward import to_device
-from nemotron.engine.kernels import (Delta, add_layer_norm_linear, add_layer_norm_qkv_rope_to_cache, can_exchange,
-                                     decode_attention, decode_linear, decode_linear_to_peers, embed_rows, matmul_mode,
-                                     sum_parts)
+from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, decode_attention, decode_linear,
+                                     decode_linear_to_peers, embed_rows, matmul_mode, rope_to_cache, sum_parts)
 from nemotron.model import KVCache, NemotronModel
 from nemotron.parallel.layers import all_gather_last_dim, all_reduce
 from nemotron.parallel.peer_allreduce import PeerExchange, PeerSum, peer_exchange_for
@@ -175,11 +174,11 @@ class FusedDecoder:
         positions)."""
         att, mlp = layer.self_attention, layer.mlp
         qkv_lin, fc1 = att.linear_qkv, mlp.linear_fc1
-        ck, cv = cache.k[i], cache.v[i]
-        resid, q = add_layer_norm_qkv_rope_to_cache(                            # q [n, ng, hpg, hn]
+        resid, qkv = add_layer_norm_linear(                                     # qkv [n, ng*(hpg+2)*hn]
             resid, delta, self.gamma(qkv_lin.layer_norm_weight, qkv_lin.zero_centered_gamma),
-            qkv_lin.layer_norm_bias, qkv_lin.eps, qkv_lin.weight, cos, sin, positions, slots, ck, cv, att.groups,
-            att.heads_per_group, att.head_dim)
+            qkv_lin.layer_norm_bias, qkv_lin.eps, qkv_lin.weight)
+        ck, cv = cache.k[i], cache.v[i]
+        q = rope_to_cache(qkv, cos, sin, positions, slots, ck, cv, att.groups, att.heads_per_group, att.head_dim)
         o = decode_attention(q, ck, cv, positions, slots, kv_len)               # [n, ng, hpg, hn]
         delta = self._row_parallel(att.linear_proj, o.reshape(n, -1))
         resid, act = add_layer_norm_linear(                                     # relu^2(fc1) [n, ffn/tp]

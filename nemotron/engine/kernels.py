@@ -648,77 +648,31 @@ if triton is not None:
             tl.store(Y + m * stride_y + cols, y, mask=live)
 
     @triton.jit
-    def _gemv_rows(X, W, rn, row_live, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """float32 x[0] @ W[rn]^T for BLOCK_N rows rn of W (any rows: each is read whole along K) on the CUDA
-        cores. Each thread multiplies and adds along K; the rows are summed across threads once, at the end."""
-        rk = tl.arange(0, BLOCK_K)
-        w_ptr = W + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_live = k0 + rk < K
-            x = tl.load(X + k0 + rk, mask=k_live, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + k0, mask=row_live[:, None] & k_live[None, :], other=0.0).to(tl.float32)
-            acc += w * x[None, :]
-        return tl.sum(acc, axis=1)
-
-    @triton.jit
     def _gemv_kernel(X, W, Y, N, K, stride_w, XPTRS, XEPOCH, x_call, x_data_off, RELU2: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, XTP: tl.constexpr, PDL: tl.constexpr):
         """y[0, tile] = x[0] @ W[tile]^T for one row on the CUDA cores. Without a tensor-core tile (16 rows of W at
         least) a program can own as few as 2-8 rows of W, so a weight spreads over several programs per SM, which
-        keeps more loads in flight while the stream ramps up and drains. XTP > 0: the float32 y goes to the peer
-        exchange."""
+        keeps more loads in flight while the stream ramps up and drains. Each thread multiplies and adds along K;
+        the rows are summed across threads once, at the end. XTP > 0: the float32 y goes to the peer exchange."""
         if PDL:
             _pdl_enter()
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        y = _gemv_rows(X, W, rn, rn < N, K, stride_w, BLOCK_N, BLOCK_K)
+        rk = tl.arange(0, BLOCK_K)
+        w_ptr = W + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
+        w_mask = rn[:, None] < N
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_live = k0 + rk < K
+            x = tl.load(X + k0 + rk, mask=k_live, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + k0, mask=w_mask & k_live[None, :], other=0.0).to(tl.float32)
+            acc += w * x[None, :]
         if XTP > 0:
-            _push(y, rn, rn < N, XPTRS, XEPOCH, x_call, x_data_off, XTP)
+            _push(tl.sum(acc, axis=1), rn, rn < N, XPTRS, XEPOCH, x_call, x_data_off, XTP)
         else:
-            y = y.to(Y.dtype.element_ty)
+            y = tl.sum(acc, axis=1).to(Y.dtype.element_ty)
             if RELU2:
                 y = _relu2(y)
             tl.store(Y + rn, y, mask=rn < N)
-
-    @triton.jit
-    def _gemv_rope_cache_kernel(X, W, K, stride_w, units, COS, SIN, POS, SLOTS, Q, CK, CV, slot_stride,
-                                group_stride, HPG: tl.constexpr, HN: tl.constexpr, R: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """The qkv product of one row, then `_rope_cache_kernel`'s work in the epilogue: one launch instead of two.
-
-        A program owns BLOCK_N / 2 pairs of W's rows, each pair two channels of one head that rotate together
-        (channels j and j + R/2 for j < R/2), or two channels past R, which pass through. Both halves of each
-        rotation are in the program, so it rotates (with eager's roundings), and stores q, and k and v into the
-        cache, as `_rope_cache_kernel` does. Launched with enable_fp_fusion=False, as that kernel is."""
-        if PDL:
-            _pdl_enter()
-        half: tl.constexpr = R // 2
-        idx = tl.arange(0, BLOCK_N)
-        pair = tl.program_id(0) * (BLOCK_N // 2) + idx // 2  # the two channels of a pair are neighbours here
-        second = idx % 2
-        u = pair // (HN // 2)  # the head slot in qkv's rows: group u // (HPG+2), head u % (HPG+2) (q.., k, v)
-        j = pair % (HN // 2)
-        rotary = j < half
-        d = tl.where(rotary, j + second * half, R + (j - half) + second * ((HN - R) // 2))
-        live = u < units
-        y = _gemv_rows(X, W, u * HN + d, live, K, stride_w, BLOCK_N, BLOCK_K)
-        dt = Q.dtype.element_ty
-        x = y.to(dt)  # eager rounds the product before RoPE
-        x1, x2 = tl.split(tl.reshape(x, [BLOCK_N // 2, 2]))
-        partner = tl.reshape(tl.join(x2, x1), [BLOCK_N]).to(tl.float32)
-        pos = tl.load(POS)
-        c = tl.load(COS + pos * R + d, mask=live & rotary, other=0.0).to(tl.float32)  # tables [positions, R]
-        s = tl.load(SIN + pos * R + d, mask=live & rotary, other=0.0).to(tl.float32)
-        sign = tl.where(second == 0, -1.0, 1.0)
-        t1 = (x.to(tl.float32) * c).to(dt).to(tl.float32)
-        t2 = (sign * partner * s).to(dt).to(tl.float32)
-        head = u % (HPG + 2)
-        grp = (u // (HPG + 2)).to(tl.int64)
-        out = tl.where(rotary & (head <= HPG), (t1 + t2).to(dt), x)  # the V head (HPG + 1) is not rotated
-        tl.store(Q + (grp * HPG + head) * HN + d, out, mask=live & (head < HPG))
-        at = tl.load(SLOTS).to(tl.int64) * slot_stride + grp * group_stride + pos * HN + d
-        tl.store(CK + at, out, mask=live & (head == HPG))
-        tl.store(CV + at, out, mask=live & (head == HPG + 1))
 
 
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages) tried per weight shape; the fastest (or cuBLAS) is kept.
@@ -789,21 +743,6 @@ def _gemv_launch(x, w, y, relu2, cfg, target: Optional[PeerSum]):
                                         BLOCK_K=bk, num_warps=warps, num_stages=1, **_producer_args(target, y),
                                         **_pdl(x))
 
-
-
-def _gemv_rope_launch(h, w, cfg, cos, sin, positions, slots, cache_k, cache_v, groups, heads_per_group,
-                      head_dim) -> torch.Tensor:
-    _, bn, bk, warps = cfg
-    ng, hpg, hn = groups, heads_per_group, head_dim
-    K = w.shape[1]
-    assert h.shape == (1, K) and w.shape[0] == ng * (hpg + 2) * hn and bn % 2 == 0
-    assert cos.is_contiguous() and sin.is_contiguous() and cache_k.is_contiguous()
-    q = torch.empty(1, ng, hpg, hn, dtype=h.dtype, device=h.device)
-    _gemv_rope_cache_kernel[(triton.cdiv(w.shape[0], bn),)](
-        h, w, K, w.stride(0), ng * (hpg + 2), cos, sin, positions, slots, q, cache_k, cache_v, cache_k.stride(0),
-        cache_k.stride(1), HPG=hpg, HN=hn, R=cos.shape[-1], BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        num_stages=1, enable_fp_fusion=False, **_pdl(h))
-    return q
 
 #: Values per push-kernel program: few, so a [1, h] product is pushed from many SMs at once. With 1024 (4 programs
 #: for h = 4096, 18 for 18432) the push after a 340B-width product took 8.7 us at TP4 on H200s; with 256, 6.0
@@ -1076,22 +1015,3 @@ def add_layer_norm_linear(x: torch.Tensor, delta: Delta, gamma: torch.Tensor,
     y = torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device)
     _ln_launch(x, delta, s, gamma, beta, eps, w, y, relu2, cfg)
     return s, y
-
-
-def add_layer_norm_qkv_rope_to_cache(x: torch.Tensor, delta: Delta, gamma: torch.Tensor, beta: torch.Tensor,
-                                     eps: float, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                                     positions: torch.Tensor, slots: torch.Tensor, cache_k: torch.Tensor,
-                                     cache_v: torch.Tensor, groups: int, heads_per_group: int,
-                                     head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`add_layer_norm_linear` then `rope_to_cache` (same results): (s = x + delta, rotated q), with k and v
-    written into the cache. For one row whose qkv product runs on the CUDA-core kernel, RoPE and the cache
-    writes run in that kernel's epilogue: one launch fewer a layer."""
-    r, hn = cos.shape[-1], head_dim
-    if x.shape[0] == 1 and _use_triton(x) and r % 2 == 0 and (hn - r) % 2 == 0 and r <= hn:
-        cfg = _matmul_choice(x, w, x.dtype, False)  # the product's choice (x stands in for its input's shape)
-        if cfg is not None and cfg[0] == "gemv":
-            s, h = add_layer_norm(x, delta, gamma, beta, eps)
-            return s, _gemv_rope_launch(h, w, cfg, cos, sin, positions, slots, cache_k, cache_v, groups,
-                                        heads_per_group, head_dim)
-    s, qkv = add_layer_norm_linear(x, delta, gamma, beta, eps, w)
-    return s, rope_to_cache(qkv, cos, sin, positions, slots, cache_k, cache_v, groups, heads_per_group, head_dim)
