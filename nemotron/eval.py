@@ -145,9 +145,10 @@ def check_environment() -> float:
     """The NEMOTRON_* switches, before anything is loaded: a typo is one line of error, not a traceback after
     minutes of loading. Returns the control timeout."""
     from nemotron.engine.engine import cuda_graphs_switch, overlap_switch
+    from nemotron.engine.graphs import step_tune_mode
     from nemotron.engine.kernels import matmul_mode, pdl_mode
     from nemotron.parallel.peer_allreduce import peer_switches
-    for check in (cuda_graphs_switch, overlap_switch, matmul_mode, pdl_mode, peer_switches):
+    for check in (cuda_graphs_switch, overlap_switch, matmul_mode, pdl_mode, step_tune_mode, peer_switches):
         check()
     return control_timeout_s()
 

@@ -1321,7 +1321,8 @@ def main():
     ctx.result["decode_matmul_choice"] = {  # per weight shape: cuBLAS or the skinny kernel, and the timings
         "choices": {f"M{k[0]} N{k[1][0]} K{k[1][1]} {str(k[3])[6:]}{' relu2' if k[4] else ''}":
                     (str(v) if v else "cublas") for k, v in kernels_mod._skinny_choice.items()},
-        "timings_ms": kernels_mod.skinny_timings, "errors": kernels_mod.skinny_errors}
+        "timings_ms": kernels_mod.skinny_timings, "errors": kernels_mod.skinny_errors,
+        "step_tuning": kernels_mod.step_tuning}
     ctx.result["decode_attention_choice"] = {
         "choices": {str(k[:5]): str(v) for k, v in kernels_mod._attn_choice.items()},
                                              "timings_ms": kernels_mod.attn_timings}

@@ -117,6 +117,26 @@ def test_overlap_answers_as_sync_and_never_waits_for_the_gpu(engines):
     assert job.response["token_ids"] == greedy(sync, PROMPTS[:2], 40)
 
 
+def test_step_tuning_tries_each_product_once_and_runs_what_it_kept(engines):
+    """A batch size's first capture tries each of its products that run a Triton kernel on cuBLAS, by timing the
+    whole captured step, and keeps the faster; the choices in force are the recorded ones, and nothing is tuned
+    twice (engine/graphs.py, `DecodeGraphs._tune_products`)."""
+    from nemotron.engine import kernels
+    graph, _ = engines
+    greedy(graph, PROMPTS[:5], 8)  # bucket 8
+    tuned = {k: v for k, v in kernels.step_tuning.items() if k.startswith("M8 ")}
+    current = dict(kernels.step_tunable_products(8))
+    assert tuned and set(tuned) == set(current)
+    for name, record in tuned.items():
+        in_force = "cublas" if current[name] is None else str(current[name])
+        assert in_force == record["kept"], (name, record)
+        if "step_ms" in record:  # tried: both whole steps were timed
+            assert record["step_ms"] > 0 and record["cublas_step_ms"] > 0
+    print("step tuning at batch 8:", tuned)
+    count = len(kernels.step_tuning)
+    greedy(graph, PROMPTS[:6], 40)  # the same bucket, a longer KV bucket: captured, not tuned again
+    assert len(kernels.step_tuning) == count
+
 def test_server_on_gpu_answers_the_card_request():
     import requests
     with socket.socket() as s:

@@ -99,6 +99,19 @@ for M, N, K in [(1, 48, 40), (3, 100, 300), (16, 64, 512), (40, 70, 96)]:  # 40 
         torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-4)
 assert kernels._skinny_choice, "the interpreter ran the skinny kernel"
 
+# Whole-step tuning's view of the choices (engine/graphs.py): the products of a row count by name, sorted, and one
+# can be moved to cuBLAS (None) and back; products pushed to the peers are not offered
+tunable = kernels.step_tunable_products(3)
+assert [name for name, _ in tunable] == ["M3 N100 K300 float32", "M3 N100 K300 float32 relu2"]
+assert all(cfg is not None for _, cfg in tunable)  # the interpreter always runs the kernel
+kernels.set_product_choice("M3 N100 K300 float32 relu2", 3, None)
+assert dict(kernels.step_tunable_products(3))["M3 N100 K300 float32 relu2"] is None
+x3, w3 = torch.randn(3, 300), torch.randn(100, 300)
+torch.testing.assert_close(kernels.decode_linear(x3, w3, relu2=True), (x3 @ w3.t()).clamp(min=0) ** 2,
+                           rtol=1e-5, atol=1e-4)  # the cuBLAS (torch) path now
+kernels.set_product_choice("M3 N100 K300 float32 relu2", 3, tunable[1][1])
+assert kernels.step_tunable_products(3) == tunable
+
 # Split-K (each program sums part of K, a second kernel adds the parts in order), K not a multiple of the chunk
 for cfg in [(64, 32, 4, 2, 3), (32, 64, 4, 2, 2), (128, 16, 4, 2, 4)]:
     x, w = torch.randn(20, 200), torch.randn(90, 200)

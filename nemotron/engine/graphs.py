@@ -44,9 +44,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from nemotron.config import env_switch
 from nemotron.engine.forward import to_device
 from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, decode_attention, decode_linear,
-                                     decode_linear_to_peers, embed_rows, matmul_mode, rope_to_cache, sum_parts)
+                                     decode_linear_to_peers, embed_rows, matmul_mode, rope_to_cache,
+                                     set_product_choice, step_tunable_products, step_tuning, sum_parts)
 from nemotron.model import KVCache, NemotronModel
 from nemotron.parallel.layers import all_gather_last_dim, all_reduce
 from nemotron.parallel.peer_allreduce import PeerExchange, PeerSum, peer_exchange_for
@@ -234,7 +236,7 @@ class DecodeGraphs:
             ok, why = self.supported(model)
             if not ok:
                 raise ValueError(f"CUDA-graph decode unavailable: {why}")
-        matmul_mode()  # a bad NEMOTRON_DECODE_MATMUL fails here, at start-up, not in the first request
+        matmul_mode(), step_tune_mode()  # a bad switch fails here, at start-up, not in the first request
         self.model, self.ps, self.capture = model, model.ps, capture
         self.device = next(model.parameters()).device
         self.decoder = FusedDecoder(model, num_layers)
@@ -336,9 +338,19 @@ class DecodeGraphs:
         return st.out[:B]
 
     def _capture(self, n: int, S: int, st: _Static, cache: KVCache) -> torch.cuda.CUDAGraph:
-        """Capture (n, S) on this stage. No p2p inside: the step reads st.inp and writes st.out only, so the
-        stages capture independently (the TP collectives in it are within the stage)."""
+        """Capture (n, S) on this stage (and tune the step's products not tuned yet in this process). No p2p
+        inside: the step reads st.inp and writes st.out only, so the stages capture independently (the TP
+        collectives in it are within the stage)."""
         t0 = time.perf_counter()
+        graph = self._capture_step(n, S, st, cache)
+        if step_tune_mode() == "1" and matmul_mode() == "auto":
+            graph = self._tune_products(n, S, st, cache, graph)
+        self._graphs[(n, S)] = graph
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t0
+        return graph
+
+    def _capture_step(self, n: int, S: int, st: _Static, cache: KVCache) -> torch.cuda.CUDAGraph:
         main = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(main)
@@ -351,7 +363,70 @@ class DecodeGraphs:
             self.decoder(st.inp, st.positions, st.slots, cache, S, out=st.out)
         if self._pool is None:
             self._pool = graph.pool()
-        self._graphs[(n, S)] = graph
-        self.captures += 1
-        self.capture_s += time.perf_counter() - t0
         return graph
+
+    def _tune_products(self, n: int, S: int, st: _Static, cache: KVCache,
+                       graph: torch.cuda.CUDAGraph) -> torch.cuda.CUDAGraph:
+        """Each product of n rows was given the kernel that was fastest timed alone, but inside the step a product
+        can cost more or less than alone: at batch 8 on an H200, cuBLAS ran proj in 12.6 us in the step against
+        15.9 for the Triton kernel that had won alone (docs/benchmarks.md, thirteenth round). So each product on a
+        Triton kernel is tried on cuBLAS once, by capturing and timing the whole step, and the faster step is
+        kept. Replays repeat the step's cache writes with the same values, so they change nothing. Every rank of
+        the stage's TP group tries the same products in the same order and keeps what the slowest rank measured,
+        so all of them decide alike (their collectives stay in step). A product is tuned once per process, as its
+        choice is made once per process: later captures, and other engines on the same weights, reuse it."""
+        group = self.ps.tp_group
+        for name, cfg in step_tunable_products(n):
+            if name in step_tuning:
+                continue
+            if not _any_rank(cfg is not None, group, self.device):
+                step_tuning[name] = {"kept": "cublas", "why": "faster timed alone on every rank"}
+                continue
+            set_product_choice(name, n, None)
+            trial = self._capture_step(n, S, st, cache)
+            base_ms = trial_ms = float("inf")
+            for _ in range(2):  # alternated, best of two: a drift in clocks favours neither
+                base_ms = min(base_ms, _step_ms(graph, group, self.device))
+                trial_ms = min(trial_ms, _step_ms(trial, group, self.device))
+            keep = trial_ms < base_ms * (1 - STEP_TUNE_MIN_GAIN)
+            step_tuning[name] = {"triton": str(cfg), "step_ms": base_ms, "cublas_step_ms": trial_ms,
+                                 "kept": "cublas" if keep else str(cfg)}
+            if keep:
+                graph = trial
+            else:
+                set_product_choice(name, n, cfg)
+                del trial
+        return graph
+
+
+#: A product moves to cuBLAS only if the whole step gets at least this much faster (replay times vary by ~0.1 %).
+STEP_TUNE_MIN_GAIN = 0.003
+
+
+def step_tune_mode() -> str:
+    """NEMOTRON_STEP_TUNE: 1 (default) tunes each batch bucket's products by timing the whole captured step on its
+    first capture (`DecodeGraphs._tune_products`); 0 keeps the per-product choices."""
+    return env_switch("NEMOTRON_STEP_TUNE", ("0", "1"), "1")
+
+
+def _any_rank(flag: bool, group, device) -> bool:
+    t = torch.tensor([int(flag)], device=device)
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def _step_ms(graph: torch.cuda.CUDAGraph, group, device, reps: int = 10) -> float:
+    """ms per replay of the captured step, the slowest over the TP group."""
+    for _ in range(2):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    t = torch.tensor([start.elapsed_time(end) / reps], device=device)
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())

@@ -6,7 +6,7 @@ kernels in Triton's interpreter against the torch versions, the GPU benchmark co
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -706,6 +706,7 @@ def _block_m(rows: int) -> int:
 
 _skinny_choice: Dict[Tuple, Optional[Tuple]] = {}
 skinny_timings: Dict[str, Dict[str, float]] = {}  # what the choice was made from (the benchmark records it)
+step_tuning: Dict[str, dict] = {}  # per product: the whole-step times that kept or moved it (engine/graphs.py)
 skinny_errors: Dict[str, str] = {}
 
 
@@ -892,6 +893,26 @@ def _matmul_choice(x, w, out_dtype, relu2, target: Optional[PeerSum] = None) -> 
     assert x.stride(1) == 1 and w.stride(1) == 1
     return _skinny_choice[key]
 
+
+
+def _product_name(key: Tuple) -> str:
+    rows, (n, k), _, out_dtype, relu2 = key[:5]
+    return f"M{rows} N{n} K{k} {str(out_dtype)[6:]}{' relu2' if relu2 else ''}"
+
+
+def step_tunable_products(rows: int) -> List[Tuple[str, Optional[Tuple]]]:
+    """This process's products of `rows` rows that are not pushed to the peers, as (name, current choice), sorted
+    by name: the same names in the same order on every rank of a TP group (the keys differ only in the device)."""
+    found = {_product_name(k): v for k, v in _skinny_choice.items() if k[0] == rows and not k[6]}
+    return sorted(found.items())
+
+
+def set_product_choice(name: str, rows: int, cfg: Optional[Tuple]) -> None:
+    """Pin the product `name` of `rows` rows (not pushed) to `cfg` (None: cuBLAS) in this process."""
+    keys = [k for k in _skinny_choice if k[0] == rows and not k[6] and _product_name(k) == name]
+    assert keys, f"no product {name} at {rows} rows"
+    for k in keys:
+        _skinny_choice[k] = cfg
 
 # --- add + LayerNorm fused into the skinny matmul's prologue (one or two rows) -------------------------------
 
