@@ -343,7 +343,8 @@ class DecodeGraphs:
         collectives in it are within the stage)."""
         t0 = time.perf_counter()
         graph = self._capture_step(n, S, st, cache)
-        if step_tune_mode() == "1" and matmul_mode() == "auto":
+        mode = step_tune_mode()
+        if matmul_mode() == "auto" and (mode == "1" or mode == "auto" and self.ps.tp_size == 1):
             graph = self._tune_products(n, S, st, cache, graph)
         self._graphs[(n, S)] = graph
         self.captures += 1
@@ -404,9 +405,10 @@ STEP_TUNE_MIN_GAIN = 0.003
 
 
 def step_tune_mode() -> str:
-    """NEMOTRON_STEP_TUNE: 1 (default) tunes each batch bucket's products by timing the whole captured step on its
-    first capture (`DecodeGraphs._tune_products`); 0 keeps the per-product choices."""
-    return env_switch("NEMOTRON_STEP_TUNE", ("0", "1"), "1")
+    """NEMOTRON_STEP_TUNE: whether captures tune the step's products by timing the whole captured step
+    (`DecodeGraphs._tune_products`). auto (default): without TP only; under TP its agreement over the group has
+    run on no multi-GPU machine yet (docs/benchmarks.md, thirteenth round). 1: also under TP. 0: never."""
+    return env_switch("NEMOTRON_STEP_TUNE", ("auto", "0", "1"), "auto")
 
 
 def _any_rank(flag: bool, group, device) -> bool:
