@@ -1319,8 +1319,8 @@ def main():
         if args.compile != "off" and ctx.cuda and ctx.left() > args.compile_min_s:
             compile_bench(ctx, model, stepper, p.to(dev), args.steps, args.compile)
     ctx.result["decode_matmul_choice"] = {  # per weight shape: cuBLAS or the skinny kernel, and the timings
-        "choices": {f"M{k[0]} N{k[1][0]} K{k[1][1]} {str(k[3])[6:]}{' relu2' if k[4] else ''}":
-                    (str(v) if v else "cublas") for k, v in kernels_mod._skinny_choice.items()},
+        "choices": {kernels_mod.product_name(k): (str(v) if v else "cublas")
+                    for k, v in kernels_mod._skinny_choice.items()},
         "timings_ms": kernels_mod.skinny_timings, "errors": kernels_mod.skinny_errors,
         "step_tuning": kernels_mod.step_tuning}
     ctx.result["decode_attention_choice"] = {

@@ -894,8 +894,8 @@ def _matmul_choice(x, w, out_dtype, relu2, target: Optional[PeerSum] = None) -> 
     return _skinny_choice[key]
 
 
-
-def _product_name(key: Tuple) -> str:
+def product_name(key: Tuple) -> str:
+    """A product's name, e.g. "M8 N4096 K4096 bfloat16" (the key of a choice, without its device)."""
     rows, (n, k), _, out_dtype, relu2 = key[:5]
     return f"M{rows} N{n} K{k} {str(out_dtype)[6:]}{' relu2' if relu2 else ''}"
 
@@ -903,16 +903,17 @@ def _product_name(key: Tuple) -> str:
 def step_tunable_products(rows: int) -> List[Tuple[str, Optional[Tuple]]]:
     """This process's products of `rows` rows that are not pushed to the peers, as (name, current choice), sorted
     by name: the same names in the same order on every rank of a TP group (the keys differ only in the device)."""
-    found = {_product_name(k): v for k, v in _skinny_choice.items() if k[0] == rows and not k[6]}
+    found = {product_name(k): v for k, v in _skinny_choice.items() if k[0] == rows and not k[6]}
     return sorted(found.items())
 
 
 def set_product_choice(name: str, rows: int, cfg: Optional[Tuple]) -> None:
     """Pin the product `name` of `rows` rows (not pushed) to `cfg` (None: cuBLAS) in this process."""
-    keys = [k for k in _skinny_choice if k[0] == rows and not k[6] and _product_name(k) == name]
+    keys = [k for k in _skinny_choice if k[0] == rows and not k[6] and product_name(k) == name]
     assert keys, f"no product {name} at {rows} rows"
     for k in keys:
         _skinny_choice[k] = cfg
+
 
 # --- add + LayerNorm fused into the skinny matmul's prologue (one or two rows) -------------------------------
 
