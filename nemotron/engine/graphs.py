@@ -380,7 +380,7 @@ class DecodeGraphs:
         for name, cfg in step_tunable_products(n):
             if name in step_tuning:
                 continue
-            if not _any_rank(cfg is not None, group, self.device):
+            if not _group_max(float(cfg is not None), group, self.device):
                 step_tuning[name] = {"kept": "cublas", "why": "faster timed alone on every rank"}
                 continue
             set_product_choice(name, n, None)
@@ -396,7 +396,6 @@ class DecodeGraphs:
                 graph = trial
             else:
                 set_product_choice(name, n, cfg)
-                del trial
         return graph
 
 
@@ -411,11 +410,12 @@ def step_tune_mode() -> str:
     return env_switch("NEMOTRON_STEP_TUNE", ("auto", "0", "1"), "auto")
 
 
-def _any_rank(flag: bool, group, device) -> bool:
-    t = torch.tensor([int(flag)], device=device)
+def _group_max(value: float, group, device) -> float:
+    """The largest of every TP rank's value (this rank's own without a group)."""
+    t = torch.tensor([value], dtype=torch.float32, device=device)
     if group is not None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return float(t.item())
 
 
 def _step_ms(graph: torch.cuda.CUDAGraph, group, device, reps: int = 10) -> float:
@@ -428,7 +428,4 @@ def _step_ms(graph: torch.cuda.CUDAGraph, group, device, reps: int = 10) -> floa
         graph.replay()
     end.record()
     end.synchronize()
-    t = torch.tensor([start.elapsed_time(end) / reps], device=device)
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t.item())
+    return _group_max(start.elapsed_time(end) / reps, group, device)

@@ -826,7 +826,7 @@ def _pick_skinny(x, w, out_dtype, relu2, target: Optional[PeerSum]) -> Optional[
         except Exception as exc:  # a config this card or Triton cannot run: never chosen, and reported
             times[str(cfg)] = float("inf")
             skinny_errors[str(cfg)] = f"{type(exc).__name__}: {str(exc)[:300]}"
-    name = f"M{x.shape[0]} N{w.shape[0]} K{w.shape[1]} {str(out_dtype)[6:]}{' relu2' if relu2 else ''}"
+    name = product_name((x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2))
     skinny_timings[name + (" to peers" if target is not None else "")] = times
     best = min(configs, key=lambda c: times[str(c)])
     if mode == "triton" or times[str(best)] < times["cublas"]:
