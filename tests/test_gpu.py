@@ -137,6 +137,43 @@ def test_step_tuning_tries_each_product_once_and_runs_what_it_kept(engines):
     greedy(graph, PROMPTS[:6], 40)  # the same bucket, a longer KV bucket: captured, not tuned again
     assert len(kernels.step_tuning) == count
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tp2_graphs_with_step_tuning_agree_over_the_group(tmp_path, monkeypatch):
+    """TP2 on two GPUs (NCCL, the peer exchange) with the whole-step tuner on under TP: both ranks tune the same
+    products and keep the same choices (their collectives stay in step), the choices in force are the recorded
+    ones, and the graphs' greedy tokens match eager decode's (tests/gpu_tp_worker.py)."""
+    import glob
+    import json
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from conftest import run_torchrun_worker
+    monkeypatch.setenv("NEMOTRON_STEP_TUNE", "1")
+    out = str(tmp_path / "tp2")
+    run_torchrun_worker("gpu_tp_worker.py", (out,), 2, timeout=420)
+    ranks = []
+    for path in sorted(glob.glob(out + ".rank*.json")):
+        with open(path) as f:
+            ranks.append(json.load(f))
+    assert [r["rank"] for r in ranks] == [0, 1]
+    first, second = ranks
+    print("TP2 step tuning, rank 0:", first["step_tuning"])
+    assert first["step_tuning"] and set(first["step_tuning"]) == set(second["step_tuning"])
+    for name, record in first["step_tuning"].items():
+        assert record["kept"] == second["step_tuning"][name]["kept"], (name, record, second["step_tuning"][name])
+        if "step_ms" in record:  # the group's slowest times: the same numbers on both ranks
+            assert record["step_ms"] == second["step_tuning"][name]["step_ms"] > 0
+    for r in ranks:
+        for rows, products in r["in_force"].items():
+            assert products, f"rank {r['rank']}: no products at {rows} rows"
+            for name, in_force in products.items():
+                assert in_force == r["step_tuning"][name]["kept"], (r["rank"], name)
+    assert first["graph"] == second["graph"]  # every rank returns the same tokens
+    for rows in ("1", "5"):
+        pairs = list(zip(first["graph"][rows], first["eager"][rows]))
+        agreement = sum(sum(x == y for x, y in zip(a, b)) / len(a) for a, b in pairs) / len(pairs)
+        print(f"TP2 graph vs eager, {rows} rows: mean token agreement {agreement:.3f}")
+        assert agreement >= 0.8
+
+
 def test_server_on_gpu_answers_the_card_request():
     import requests
     with socket.socket() as s:

@@ -162,11 +162,9 @@ class FusedDecoder:
         fin = m.decoder.final_layernorm
         _, logits = add_layer_norm_linear(resid, delta, self.gamma(fin.weight, fin.zero_centered), fin.bias,
                                           fin.eps, m.output_layer.weight)
-        logits = all_gather_last_dim(logits, m.ps.tp_group)
         if out is None:
-            return logits.float()
-        out.copy_(logits)
-        return out
+            return all_gather_last_dim(logits, m.ps.tp_group).float()
+        return all_gather_last_dim(logits, m.ps.tp_group, out=out)  # [n, V/tp] model dtype -> out [n, V] float32
 
     def _layer(self, i: int, layer, resid: torch.Tensor, delta: Delta, cos: torch.Tensor,
                sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, kv_len: int,

@@ -26,13 +26,23 @@ def all_reduce(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Ten
     return x
 
 
-def all_gather_last_dim(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """[..., n/tp] on each rank -> [..., n] on every rank."""
+def all_gather_last_dim(x: torch.Tensor, group: Optional[dist.ProcessGroup],
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[..., n/tp] on each rank -> [..., n] on every rank; into `out` (any dtype: the copy casts) if given.
+
+    One gather into a [tp * ..., n/tp] buffer, then one copy that puts the ranks' columns in order (and casts): a
+    list gather would add a copy per rank, and the concatenation another."""
     if group is None:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+        return x if out is None else out.copy_(x)
+    tp, lead, part = dist.get_world_size(group), x.shape[:-1], x.shape[-1]
+    x = x.contiguous()
+    gathered = x.new_empty((tp * x.shape[0],) + x.shape[1:])  # ranks stacked along dim 0 (what gloo accepts)
+    dist.all_gather_into_tensor(gathered, x, group=group)
+    ordered = gathered.view((tp,) + x.shape).movedim(0, -2)  # [..., tp, n/tp]
+    if out is None:
+        return ordered.reshape(*lead, tp * part)
+    out.view(*lead, tp, part).copy_(ordered)
+    return out
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
