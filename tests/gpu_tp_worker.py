@@ -2,7 +2,7 @@
 model sharded over the ranks in bf16, greedy requests at batch buckets 1 and 8 through the captured graphs and
 through eager decode, with the whole-step tuner on under TP (NEMOTRON_STEP_TUNE=1, set by the test).
 
-Each rank writes what it saw to OUT.rank<r>.json: its tokens, the tuner's records and the choices in force; the
+Each rank writes what it saw to OUT.rank<r>.json: its tokens (rank 0), the tuner's records and the choices in force; the
 test makes the assertions.
 
 usage: torchrun --nproc-per-node 2 tests/gpu_tp_worker.py OUT
@@ -29,8 +29,10 @@ PROMPTS = ["def fibonacci(n):", "class Stack:", "import os", "for i in range(10)
 
 
 def greedy(engine, prompts, tokens=32):
-    return engine.generate(parse_request({"sentences": prompts, "greedy": True, "tokens_to_generate": tokens,
-                                          "min_tokens_to_generate": tokens}))["token_ids"]
+    """The rows' token ids on rank 0 (where responses are made), None on the other ranks."""
+    response = engine.generate(parse_request({"sentences": prompts, "greedy": True, "tokens_to_generate": tokens,
+                                              "min_tokens_to_generate": tokens}))
+    return None if response is None else response["token_ids"]
 
 
 def main():

@@ -140,8 +140,8 @@ def test_step_tuning_tries_each_product_once_and_runs_what_it_kept(engines):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tp2_graphs_with_step_tuning_agree_over_the_group(tmp_path, monkeypatch):
     """TP2 on two GPUs (NCCL, the peer exchange) with the whole-step tuner on under TP: both ranks tune the same
-    products and keep the same choices (their collectives stay in step), the choices in force are the recorded
-    ones, and the graphs' greedy tokens match eager decode's (tests/gpu_tp_worker.py)."""
+    products in the same order and take the same decisions (their collectives stay in step), the choices in force
+    are the recorded ones, and the graphs' greedy tokens match eager decode's (tests/gpu_tp_worker.py)."""
     import glob
     import json
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -158,16 +158,21 @@ def test_tp2_graphs_with_step_tuning_agree_over_the_group(tmp_path, monkeypatch)
     print("TP2 step tuning, rank 0:", first["step_tuning"])
     assert first["step_tuning"] and set(first["step_tuning"]) == set(second["step_tuning"])
     for name, record in first["step_tuning"].items():
-        assert record["kept"] == second["step_tuning"][name]["kept"], (name, record, second["step_tuning"][name])
+        other = second["step_tuning"][name]
+        # Timed alone, the ranks may choose differently (seen: cuBLAS on one, Triton on the other); the step's
+        # decision, whether to move the product to cuBLAS, is the group's and must be the same on both.
+        assert record["moved"] == other["moved"], (name, record, other)
+        for r in (record, other):
+            assert r["kept"] == ("cublas" if r["moved"] else r["alone"]), (name, r)
         if "step_ms" in record:  # the group's slowest times: the same numbers on both ranks
-            assert record["step_ms"] == second["step_tuning"][name]["step_ms"] > 0
+            assert record["step_ms"] == other["step_ms"] > 0 and record["cublas_step_ms"] == other["cublas_step_ms"]
     for r in ranks:
         for rows, products in r["in_force"].items():
             assert products, f"rank {r['rank']}: no products at {rows} rows"
             for name, in_force in products.items():
                 assert in_force == r["step_tuning"][name]["kept"], (r["rank"], name)
-    assert first["graph"] == second["graph"]  # every rank returns the same tokens
-    for rows in ("1", "5"):
+    for rows in ("1", "5"):  # the responses are made on rank 0
+        assert len(first["graph"][rows]) == int(rows) and second["graph"][rows] is None
         pairs = list(zip(first["graph"][rows], first["eager"][rows]))
         agreement = sum(sum(x == y for x, y in zip(a, b)) / len(a) for a, b in pairs) / len(pairs)
         print(f"TP2 graph vs eager, {rows} rows: mean token agreement {agreement:.3f}")

@@ -378,8 +378,10 @@ class DecodeGraphs:
         for name, cfg in step_tunable_products(n):
             if name in step_tuning:
                 continue
+            alone = "cublas" if cfg is None else str(cfg)  # this rank's choice timed alone (ranks may differ)
             if not _group_max(float(cfg is not None), group, self.device):
-                step_tuning[name] = {"kept": "cublas", "why": "faster timed alone on every rank"}
+                step_tuning[name] = {"alone": alone, "moved": False, "kept": alone,
+                                     "why": "cuBLAS was faster timed alone on every rank"}
                 continue
             set_product_choice(name, n, None)
             trial = self._capture_step(n, S, st, cache)
@@ -387,10 +389,10 @@ class DecodeGraphs:
             for _ in range(2):  # alternated, best of two: a drift in clocks favours neither
                 base_ms = min(base_ms, _step_ms(graph, group, self.device))
                 trial_ms = min(trial_ms, _step_ms(trial, group, self.device))
-            keep = trial_ms < base_ms * (1 - STEP_TUNE_MIN_GAIN)
-            step_tuning[name] = {"triton": str(cfg), "step_ms": base_ms, "cublas_step_ms": trial_ms,
-                                 "kept": "cublas" if keep else str(cfg)}
-            if keep:
+            move = trial_ms < base_ms * (1 - STEP_TUNE_MIN_GAIN)  # the same on every rank: the group's times
+            step_tuning[name] = {"alone": alone, "step_ms": base_ms, "cublas_step_ms": trial_ms, "moved": move,
+                                 "kept": "cublas" if move else alone}
+            if move:
                 graph = trial
             else:
                 set_product_choice(name, n, cfg)
