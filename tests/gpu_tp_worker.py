@@ -1,9 +1,10 @@
 """One rank of the TP2 graph-decode GPU test (run under torchrun on two GPUs, NCCL + the peer exchange): the demo
 model sharded over the ranks in bf16, greedy requests at batch buckets 1 and 8 through the captured graphs and
-through eager decode, with the whole-step tuner on under TP (NEMOTRON_STEP_TUNE=1, set by the test).
+through eager decode, with the whole-step tuner on (its default, under TP too; the test also sets
+NEMOTRON_STEP_TUNE=1).
 
-Each rank writes what it saw to OUT.rank<r>.json: its tokens (rank 0), the tuner's records and the choices in force; the
-test makes the assertions.
+Each rank writes what it saw to OUT.rank<r>.json: its tokens (rank 0), the tuner's records and the choices in
+force; the test makes the assertions.
 
 usage: torchrun --nproc-per-node 2 tests/gpu_tp_worker.py OUT
 """

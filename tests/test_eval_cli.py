@@ -84,7 +84,7 @@ def test_bad_values_exit_nonzero_with_one_line(overrides, fragment):
     ("NEMOTRON_CUDA_GRAPHS", "false", "NEMOTRON_CUDA_GRAPHS='false': expected 0 or 1"),
     ("NEMOTRON_DECODE_MATMUL", "cuBLAS", "NEMOTRON_DECODE_MATMUL='cuBLAS': expected auto, cublas or triton"),
     ("NEMOTRON_PEER_EXCHANGE", "off", "NEMOTRON_PEER_EXCHANGE='off': expected 0 or 1"),
-    ("NEMOTRON_STEP_TUNE", "on", "NEMOTRON_STEP_TUNE='on': expected auto, 0 or 1"),
+    ("NEMOTRON_STEP_TUNE", "auto", "NEMOTRON_STEP_TUNE='auto': expected 0 or 1"),
     ("NEMOTRON_CONTROL_TIMEOUT_S", "2m", "NEMOTRON_CONTROL_TIMEOUT_S='2m': expected a positive number"),
 ])
 def test_bad_environment_switch_exits_with_one_line_before_loading(name, value, fragment):

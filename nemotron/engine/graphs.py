@@ -341,8 +341,7 @@ class DecodeGraphs:
         collectives in it are within the stage)."""
         t0 = time.perf_counter()
         graph = self._capture_step(n, S, st, cache)
-        mode = step_tune_mode()
-        if matmul_mode() == "auto" and (mode == "1" or mode == "auto" and self.ps.tp_size == 1):
+        if matmul_mode() == "auto" and step_tune_mode() == "1":
             graph = self._tune_products(n, S, st, cache, graph)
         self._graphs[(n, S)] = graph
         self.captures += 1
@@ -405,9 +404,9 @@ STEP_TUNE_MIN_GAIN = 0.003
 
 def step_tune_mode() -> str:
     """NEMOTRON_STEP_TUNE: whether captures tune the step's products by timing the whole captured step
-    (`DecodeGraphs._tune_products`). auto (default): without TP only; under TP its agreement over the group has
-    run on no multi-GPU machine yet (docs/benchmarks.md, thirteenth round). 1: also under TP. 0: never."""
-    return env_switch("NEMOTRON_STEP_TUNE", ("auto", "0", "1"), "auto")
+    (`DecodeGraphs._tune_products`). 1 (default): yes, with or without TP (the group's agreement is tested on two
+    GPUs: tests/test_gpu.py). 0: never, each product keeps the choice made timing it alone."""
+    return env_switch("NEMOTRON_STEP_TUNE", ("0", "1"), "1")
 
 
 def _group_max(value: float, group, device) -> float:
