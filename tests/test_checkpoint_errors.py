@@ -111,6 +111,21 @@ def test_compressed_zarr_refused(tmp_path):
     assert str(meta) in msg and QKV in msg and "compress" in msg
 
 
+@pytest.mark.parametrize("content,message", [("{\"shape\": [4,", "unreadable JSON"), ("[1, 2]", "expected a JSON object")])
+def test_bad_json_named_in_both_formats(content, message, hf_dir, tmp_path):
+    """A zarr array's .zarray and an HF config.json go through one reader (checkpoint/shards.py): a broken or
+    non-object file is named, and for zarr so is the tensor."""
+    ck = copy_fixture("tiny_tp2_zarr", tmp_path)
+    meta = ck / "model_weights" / QKV / ".zarray"
+    meta.write_text(content)
+    msg = error_of(ck)
+    assert str(meta) in msg and QKV in msg and message in msg
+    hf_ck = copy_hf(hf_dir, tmp_path)
+    (hf_ck / "config.json").write_text(content)
+    msg = error_of(hf_ck)
+    assert str(hf_ck / "config.json") in msg and message in msg
+
+
 def test_truncated_distcp(tmp_path):
     ck = copy_fixture("tiny_tp1_torch_dist", tmp_path)
     data = ck / "model_weights" / "__0_1.distcp"

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from nemotron.checkpoint import hf_names
-from nemotron.checkpoint.shards import CheckpointError, ShardSpec, copy_into, shard_specs
+from nemotron.checkpoint.shards import CheckpointError, ShardSpec, copy_into, read_json_object, shard_specs
 from nemotron.config import ModelConfig, from_hf_config, to_hf_config
 
 CONFIG = "config.json"
@@ -31,22 +31,9 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
 
 
-def read_hf_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_config(path: str) -> ModelConfig:
     """ModelConfig from `config.json` (padded vocab = its vocab_size; the loader checks the embedding agrees)."""
-    return from_hf_config(read_hf_json(os.path.join(path, CONFIG)))
+    return from_hf_config(read_json_object(os.path.join(path, CONFIG)))
 
 
 def tokenizer_path(path: str) -> str:
@@ -66,7 +53,7 @@ class HFWeights:
         index = os.path.join(path, INDEX)
         single = os.path.join(path, SINGLE)
         if os.path.isfile(index):
-            data = read_hf_json(index)
+            data = read_json_object(index)
             weight_map = data.get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no weight_map")

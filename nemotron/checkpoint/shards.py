@@ -6,6 +6,7 @@ model never knows which format it was loaded from. Names are MCore's, without Ne
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -94,6 +95,22 @@ def shard_specs(model) -> Dict[str, ShardSpec]:
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and, where known, the tensor."""
+
+
+def read_json_object(path: str, what: str = "") -> dict:
+    """The JSON object stored at `path`, or a CheckpointError naming the file (and `what`, e.g. the tensor it
+    describes) when it is missing, unreadable or not an object."""
+    about = f" ({what})" if what else ""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing{about}") from None
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON{about}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object{about}")
+    return data
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from nemotron.checkpoint.shards import CheckpointError, ShardSpec, copy_into, shard_specs
+from nemotron.checkpoint.shards import CheckpointError, ShardSpec, copy_into, read_json_object, shard_specs
 
 PREFIX = "model."
 EXTRA_STATE = "._extra_state"
@@ -40,15 +40,7 @@ class ZarrArray:
         self.path = path
         self.tensor = tensor or os.path.basename(path)
         meta_path = os.path.join(path, ".zarray")
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except FileNotFoundError:
-            raise CheckpointError(f"{meta_path}: missing (tensor {self.tensor} is not a zarr array)") from None
-        except (ValueError, OSError) as exc:
-            raise CheckpointError(f"{meta_path}: unreadable .zarray for tensor {self.tensor} ({exc})") from None
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{meta_path}: .zarray of tensor {self.tensor} is not a JSON object")
+        meta = read_json_object(meta_path, f"the zarr array of tensor {self.tensor}")
         self.meta_path = meta_path
         self._parse(meta)
 
