@@ -5,7 +5,8 @@ Routes (every answer is JSON, errors are ``{"message": "<text>"}``):
 * ``PUT /generate``: a NeMo generation request (keys, defaults and messages: :mod:`nemotron.engine.request`);
   answers the engine's response dict: ``sentences, tokens, logprob, token_ids, offsets`` (+ ``full_logprob`` with
   ``all_probs``). Up to 128 sentences.
-* ``GET /`` and ``PUT /``: 200 with a small description (the 340B card's start-up probe is ``curl -X PUT host:port``).
+* ``GET /`` and ``PUT /``: 200 with a small description and the requests running and queued (the 340B card's start-up
+  probe is ``curl -X PUT host:port``).
 * ``GET /health``: 200 ``{"status": "ok"}`` once ``ready()`` says the model is loaded on every rank, 503 before.
 * ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI-compatible (non-streaming).
   :mod:`nemotron.openai_api` translates each request into a NeMo payload, which goes through ``parse_request`` and
@@ -238,8 +239,11 @@ def create_app(
         return _json_response(openai_api.models_response(model_name))
 
     def root() -> flask.Response:
-        return _json_response({"service": "nemotron", "model": model_name, "ready": is_ready(),
-                               "routes": {path: methods for path, methods in ROUTES.items()}})
+        info = {"service": "nemotron", "model": model_name, "ready": is_ready(),
+                "routes": {path: methods for path, methods in ROUTES.items()}}
+        if hasattr(coordinator, "load"):  # requests running / waiting: for a balancer, and for the tests
+            info["requests"] = coordinator.load()
+        return _json_response(info)
 
     def health() -> flask.Response:
         if state["draining"]:

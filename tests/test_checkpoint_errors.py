@@ -111,7 +111,8 @@ def test_compressed_zarr_refused(tmp_path):
     assert str(meta) in msg and QKV in msg and "compress" in msg
 
 
-@pytest.mark.parametrize("content,message", [("{\"shape\": [4,", "unreadable JSON"), ("[1, 2]", "expected a JSON object")])
+@pytest.mark.parametrize("content,message", [("{\"shape\": [4,", "unreadable JSON"),
+                                             ("[1, 2]", "expected a JSON object")])
 def test_bad_json_named_in_both_formats(content, message, hf_dir, tmp_path):
     """A zarr array's .zarray and an HF config.json go through one reader (checkpoint/shards.py): a broken or
     non-object file is named, and for zarr so is the tensor."""

@@ -424,6 +424,7 @@ def test_root_answers_put_and_get(tp1):
         body = r.json()
         assert body["ready"] is True and body["model"] == "tiny_tp1_torch_dist"
         assert body["routes"]["/generate"] == ["PUT"]
+        assert body["requests"] == {"running": 0, "queued": 0}  # nothing in flight between tests
 
 
 def test_health(tp1):
@@ -512,7 +513,11 @@ def test_a_short_request_finishes_while_a_long_one_runs(tp1):
                                  headers={"Content-Type": "application/json", **AUTH}, timeout=300)
     thread = threading.Thread(target=long_client)
     thread.start()
-    time.sleep(0.3)  # the long request is admitted and decoding (240 tokens take seconds here)
+    # Send the short one once the long one is in the engine's batch (GET / reports it). A fixed wait was wrong on
+    # a fast machine: the tiny model's 240 tokens took 0.22 s, less than the wait.
+    deadline = time.time() + 30
+    while tp1.session.get(tp1.url("/"), headers=AUTH).json()["requests"]["running"] < 1:
+        assert thread.is_alive() and time.time() < deadline, "the long request was never seen running"
     short = tp1.put(short_payload)
     still_running = thread.is_alive()
     thread.join(300)

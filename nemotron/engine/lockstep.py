@@ -116,6 +116,11 @@ class Coordinator:
             raise ticket.error
         return ticket.response
 
+    def load(self) -> Dict[str, int]:
+        """Requests running in the engine's batch, and those waiting for its next iteration (any thread)."""
+        with self._cv:
+            return {"running": len(self._tickets), "queued": len(self._incoming)}
+
     def shutdown(self) -> None:
         """Refuse new requests, finish those already taken, then stop every rank."""
         with self._cv:
