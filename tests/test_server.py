@@ -796,7 +796,9 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_cleanly(tp1):
 
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(1.0)
+    deadline = time.time() + 30
+    while tp1.session.get(tp1.url("/"), headers=AUTH).json()["requests"]["running"] < 1:  # in the batch: stop now
+        assert t.is_alive() and time.time() < deadline, "the request was never seen running"
     assert "r" not in result, "the request finished before SIGTERM: make it longer"
     assert tp1.sigterm() == 0
     t.join(60)
