@@ -1319,7 +1319,7 @@ def main():
         if args.compile != "off" and ctx.cuda and ctx.left() > args.compile_min_s:
             compile_bench(ctx, model, stepper, p.to(dev), args.steps, args.compile)
     ctx.result["decode_matmul_choice"] = {  # per weight shape: cuBLAS or the skinny kernel, and the timings
-        "choices": {kernels_mod.product_name(k): (str(v) if v else "cublas")
+        "choices": {kernels_mod.product_name(k): kernels_mod.choice_name(v)
                     for k, v in kernels_mod._skinny_choice.items()},
         "timings_ms": kernels_mod.skinny_timings, "errors": kernels_mod.skinny_errors,
         "step_tuning": kernels_mod.step_tuning}

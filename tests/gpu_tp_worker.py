@@ -47,7 +47,7 @@ def main():
         for rows in (1, 5):  # buckets 1 and 8
             seen[name][str(rows)] = greedy(engine, PROMPTS[:rows])
     seen["step_tuning"] = kernels.step_tuning
-    seen["in_force"] = {str(rows): {name: "cublas" if cfg is None else str(cfg)
+    seen["in_force"] = {str(rows): {name: kernels.choice_name(cfg)
                                     for name, cfg in kernels.step_tunable_products(rows)} for rows in (1, 8)}
     with open(f"{out}.rank{runtime.ps.rank}.json", "w") as f:
         json.dump(seen, f)

@@ -128,7 +128,7 @@ def test_step_tuning_tries_each_product_once_and_runs_what_it_kept(engines):
     current = dict(kernels.step_tunable_products(8))
     assert tuned and set(tuned) == set(current)
     for name, record in tuned.items():
-        in_force = "cublas" if current[name] is None else str(current[name])
+        in_force = kernels.choice_name(current[name])
         assert in_force == record["kept"], (name, record)
         if "step_ms" in record:  # tried: both whole steps were timed
             assert record["step_ms"] > 0 and record["cublas_step_ms"] > 0

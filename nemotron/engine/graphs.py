@@ -46,8 +46,8 @@ import torch.distributed as dist
 
 from nemotron.config import env_switch
 from nemotron.engine.forward import to_device
-from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, decode_attention, decode_linear,
-                                     decode_linear_to_peers, embed_rows, matmul_mode, rope_to_cache,
+from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, choice_name, decode_attention,
+                                     decode_linear, decode_linear_to_peers, embed_rows, matmul_mode, rope_to_cache,
                                      set_product_choice, step_tunable_products, step_tuning, sum_parts)
 from nemotron.model import KVCache, NemotronModel
 from nemotron.parallel.layers import all_gather_last_dim, all_reduce
@@ -163,7 +163,7 @@ class FusedDecoder:
         _, logits = add_layer_norm_linear(resid, delta, self.gamma(fin.weight, fin.zero_centered), fin.bias,
                                           fin.eps, m.output_layer.weight)
         if out is None:
-            return all_gather_last_dim(logits, m.ps.tp_group).float()
+            out = torch.empty(n, m.cfg.padded_vocab_size, dtype=torch.float32, device=logits.device)
         return all_gather_last_dim(logits, m.ps.tp_group, out=out)  # [n, V/tp] model dtype -> out [n, V] float32
 
     def _layer(self, i: int, layer, resid: torch.Tensor, delta: Delta, cos: torch.Tensor,
@@ -377,7 +377,7 @@ class DecodeGraphs:
         for name, cfg in step_tunable_products(n):
             if name in step_tuning:
                 continue
-            alone = "cublas" if cfg is None else str(cfg)  # this rank's choice timed alone (ranks may differ)
+            alone = choice_name(cfg)  # this rank's choice timed alone (ranks may differ)
             if not _group_max(float(cfg is not None), group, self.device):
                 step_tuning[name] = {"alone": alone, "moved": False, "kept": alone,
                                      "why": "cuBLAS was faster timed alone on every rank"}
@@ -390,7 +390,7 @@ class DecodeGraphs:
                 trial_ms = min(trial_ms, _step_ms(trial, group, self.device))
             move = trial_ms < base_ms * (1 - STEP_TUNE_MIN_GAIN)  # the same on every rank: the group's times
             step_tuning[name] = {"alone": alone, "step_ms": base_ms, "cublas_step_ms": trial_ms, "moved": move,
-                                 "kept": "cublas" if move else alone}
+                                 "kept": choice_name(None) if move else alone}
             if move:
                 graph = trial
             else:

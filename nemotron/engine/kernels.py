@@ -900,6 +900,11 @@ def product_name(key: Tuple) -> str:
     return f"M{rows} N{n} K{k} {str(out_dtype)[6:]}{' relu2' if relu2 else ''}"
 
 
+def choice_name(cfg: Optional[Tuple]) -> str:
+    """How a product's choice is recorded and reported: "cublas", or the Triton config."""
+    return "cublas" if cfg is None else str(cfg)
+
+
 def step_tunable_products(rows: int) -> List[Tuple[str, Optional[Tuple]]]:
     """This process's products of `rows` rows that are not pushed to the peers, as (name, current choice), sorted
     by name: the same names in the same order on every rank of a TP group (the keys differ only in the device)."""
