@@ -42,6 +42,9 @@ def check_supported(cfg: DictConfig) -> None:
     accel = str(cfg.trainer.get("accelerator", "auto"))
     if accel not in ("auto", "gpu", "cuda", "cpu"):
         raise UsageError(f"unsupported trainer.accelerator: {accel!r} (use auto, gpu or cpu)")
+    if cfg.get("warm_up") not in (None, True, False):
+        raise UsageError(f"warm_up must be true, false or null (null: when decode runs through CUDA graphs), "
+                         f"got {cfg.warm_up!r}")
     for key, low in (("max_batch_size", 1), ("prefill_chunk_tokens", 0)):
         value = cfg.inference.get(key, low)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -220,11 +223,31 @@ def run(cfg: DictConfig) -> int:
         if web is not None:
             if web.failed:
                 raise web.failed[0]
+            wanted = cfg.get("warm_up")
+            if engine.graphs is not None if wanted is None else wanted:
+                warm_up(coordinator, engine)
             web.serve_until_stopped(coordinator)
     finally:
         coordinator.shutdown()
         runtime.close()
     return 0
+
+
+def warm_up(coordinator, engine) -> None:
+    """Before /health says ok: one short request per decode batch bucket (`Engine.warm_up_requests`), so the first
+    requests of each size do not wait for compiles, kernel timing and graph capture. A failed one (e.g. no memory
+    for the largest batch) is logged, not fatal: the server still serves what fits."""
+    from nemotron.engine.lockstep import GenerationError
+    from nemotron.engine.request import RequestError
+    started = time.perf_counter()
+    requests = engine.warm_up_requests()
+    for req in requests:
+        try:
+            coordinator.generate(req)
+        except (GenerationError, RequestError) as exc:
+            log.warning("warm-up with %d rows failed: %s", len(req.sentences), exc)
+    log.info("warm-up: %d requests (%s rows) in %.1f s", len(requests),
+             ", ".join(str(len(r.sentences)) for r in requests), time.perf_counter() - started)
 
 
 def _expected_errors():

@@ -72,6 +72,7 @@ def test_devices_times_nodes_must_equal_tp_times_pp():
     (["trainer.precision=8"], "unsupported trainer.precision"),
     (["prompts=[]"], "Expected at least one prompt"),
     (["inference.tokens_to_generate=300"], "max_position_embeddings"),
+    (["warm_up=sometimes"], "warm_up must be true, false or null"),
 ])
 def test_bad_values_exit_nonzero_with_one_line(overrides, fragment):
     base = [] if any(o.startswith("gpt_model_file=") for o in overrides) else [f"gpt_model_file={TINY}"]

@@ -189,12 +189,13 @@ def test_server_on_gpu_answers_the_card_request():
     proc = subprocess.Popen([sys.executable, "-m", "nemotron.eval", "server=True", "host=127.0.0.1", f"port={port}",
                              "trainer.precision=bf16", "prompts=[]"], stdout=subprocess.DEVNULL, stderr=log)
 
-    def server_log():
+    def server_log(tail=3000):
         log.flush()
         with open(log_path) as f:
-            return f.read()[-3000:]
+            text = f.read()
+        return text if tail is None else text[-tail:]
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 300
         while True:
             assert proc.poll() is None, server_log()
             try:
@@ -204,6 +205,11 @@ def test_server_on_gpu_answers_the_card_request():
                 pass
             assert time.time() < deadline
             time.sleep(0.5)
+        # The warm-up (on by default with CUDA graphs) ran every batch bucket before /health said ok, and tuned
+        # each bucket's step then (the tuner logs "step-tuned" on the capture that tuned).
+        before = server_log(None).splitlines()
+        assert any("warm-up: 8 requests (128, 64, 32, 16, 8, 4, 2, 1 rows)" in line for line in before), before
+        assert sum("step-tuned" in line for line in before) >= 1, before
         payload = {"sentences": PROMPTS * 6, "tokens_to_generate": 64, "temperature": 1.0, "add_BOS": False,
                    "top_k": 0, "top_p": 1.0, "greedy": True, "all_probs": False, "repetition_penalty": 1.0,
                    "min_tokens_to_generate": 1,
@@ -225,6 +231,9 @@ def test_server_on_gpu_answers_the_card_request():
                                     bodies))
         assert [a.status_code for a in answers] == [200] * 8, server_log()
         assert [a.json()["sentences"][0].startswith(b["sentences"][0]) for a, b in zip(answers, bodies)] == [True] * 8
+        # Requests recapture graphs (their KV lengths outgrow the warm-up's cache) but tune nothing again.
+        after = server_log(None).splitlines()[len(before):]
+        assert not [line for line in after if "step-tuned" in line], after
     finally:
         proc.terminate()
         try:

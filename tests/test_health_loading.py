@@ -24,14 +24,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_rank(rank, master, http_port):
+def start_rank(rank, master, http_port, *overrides, stderr=subprocess.PIPE):
     env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", LOCAL_WORLD_SIZE="2",
                WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master), OMP_NUM_THREADS="1",
                TORCHELASTIC_RUN_ID="health-test")
     cmd = [sys.executable, "-m", "nemotron.eval", f"gpt_model_file={TINY}", "trainer.precision=32",
            "tensor_model_parallel_size=2", "trainer.devices=2", "server=True", "host=127.0.0.1",
-           f"port={http_port}", "prompts=[]"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+           f"port={http_port}", "prompts=[]", *overrides]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
                             start_new_session=True)
 
 
@@ -108,3 +108,35 @@ def test_idle_followers_outlive_the_control_timeout():
         stop_ranks(procs)
     finally:
         kill_leftovers(procs)
+
+
+@pytest.mark.slow
+def test_warm_up_runs_every_batch_bucket_before_health_and_keeps_the_ranks_in_step(tmp_path):
+    """warm_up=true (on CPU, where the default is off): before /health says 200, rank 0 sends one two-token
+    request per decode batch bucket up to inference.max_batch_size, the largest first, through both TP ranks;
+    afterwards the server answers as one that skipped the warm-up."""
+    answers = {}
+    for warm in (True, False):
+        master, port = free_port(), free_port()
+        log_path = tmp_path / f"rank0_{warm}.log"
+        with open(log_path, "w") as log:
+            procs = [start_rank(r, master, port, f"warm_up={warm}", "inference.max_batch_size=6",
+                                stderr=log if r == 0 else subprocess.DEVNULL) for r in (0, 1)]
+            try:
+                deadline = time.time() + 120
+                while health(port) != 200:
+                    assert all(p.poll() is None for p in procs), log_path.read_text()[-2000:]
+                    assert time.time() < deadline, "never became healthy"
+                    time.sleep(0.2)
+                warm_lines = [line for line in log_path.read_text().splitlines() if "warm-up:" in line]
+                assert len(warm_lines) == (1 if warm else 0), log_path.read_text()[-2000:]
+                if warm:  # buckets 1, 2, 4 and the 6 rows that bucket 8 serves
+                    assert "4 requests (6, 4, 2, 1 rows)" in warm_lines[0], warm_lines
+                body = {"sentences": ["def f(x):", "class A:"], "greedy": True, "tokens_to_generate": 6}
+                out = requests.put(f"http://127.0.0.1:{port}/generate", json=body, timeout=60)
+                assert out.status_code == 200, out.text
+                answers[warm] = out.json()["token_ids"]
+                stop_ranks(procs)
+            finally:
+                kill_leftovers(procs)
+    assert answers[True] == answers[False]

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from nemotron.config import env_switch
 from nemotron.engine.forward import broadcast_from, forward_logits, to_device
-from nemotron.engine.request import GenerationRequest, RequestError
+from nemotron.engine.request import GenerationRequest, RequestError, parse_request
 from nemotron.engine.sampling import apply_repetition_penalty, mask_logits, sample
 from nemotron.model import Batch, KVCache, NemotronModel
 from nemotron.tokenizer import Tokenizer, offsets_of
@@ -219,6 +219,18 @@ class Engine:
     @property
     def busy(self) -> bool:
         return bool(self.queue or self.active)
+
+    def warm_up_requests(self) -> List[GenerationRequest]:
+        """Short requests that make each decode batch size the engine can meet pay its one-off costs now: a CUDA-graph
+        bucket's first step compiles its Triton kernels, times each product's kernels, tunes the captured step and
+        captures it (~1 s on an 8B model, docs/benchmarks.md), which otherwise falls on the first request of that
+        size. One request per bucket up to `max_slots` rows, the largest first, so the cache is allocated once; each
+        generates two tokens, so its rows take one decode step."""
+        from nemotron.engine.graphs import BATCH_BUCKETS
+        buckets = self.graphs.buckets if self.graphs is not None else BATCH_BUCKETS
+        rows = [b for b in buckets if b < self.max_slots] + ([self.max_slots] if self.max_slots <= buckets[-1] else [])
+        return [parse_request({"sentences": ["warm up"] * n, "tokens_to_generate": 2, "min_tokens_to_generate": 2},
+                              max_sentences=None) for n in sorted(rows, reverse=True)]
 
     def abort(self) -> List[Job]:
         """Drop every queued and running job (after a failure on some rank); returns them."""

@@ -37,6 +37,7 @@ cover the stage protocol under gloo.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -54,6 +55,8 @@ from nemotron.parallel.layers import all_gather_last_dim, all_reduce
 from nemotron.parallel.peer_allreduce import PeerExchange, PeerSum, peer_exchange_for
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+log = logging.getLogger("nemotron")
 
 
 def batch_bucket(n: int, buckets: Sequence[int] = BATCH_BUCKETS) -> Optional[int]:
@@ -340,12 +343,18 @@ class DecodeGraphs:
         inside: the step reads st.inp and writes st.out only, so the stages capture independently (the TP
         collectives in it are within the stage)."""
         t0 = time.perf_counter()
+        tuned = len(step_tuning)
         graph = self._capture_step(n, S, st, cache)
         if matmul_mode() == "auto" and step_tune_mode() == "1":
             graph = self._tune_products(n, S, st, cache, graph)
         self._graphs[(n, S)] = graph
         self.captures += 1
-        self.capture_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.capture_s += seconds
+        tuned = len(step_tuning) - tuned
+        if self.ps.rank == 0:  # what a request waited for (the server's warm-up moves the first ones before /health)
+            log.info("decode graph for %d rows x %d keys captured in %.2f s%s", n, S, seconds,
+                     f", {tuned} products step-tuned" if tuned else "")
         return graph
 
     def _capture_step(self, n: int, S: int, st: _Static, cache: KVCache) -> torch.cuda.CUDAGraph:
