@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """How long do the first requests of each batch size wait, with and without the server's warm-up?
 
-Starts the real server (`python -m nemotron.eval server=True`) once per setting of `warm_up`, each with an empty
-Triton cache (as on a fresh machine; a reused cache makes compiles cheaper), and measures:
+Starts the real server (`python -m nemotron.eval server=True`) three times: without the warm-up and with it, each
+with an empty Triton cache (a fresh machine), then with it again on the second run's cache (a restart on the same
+machine: Triton reuses its compiled kernels; timings and captures are redone). For each it measures:
 * `ready_s`: from launch until GET /health answers 200 (loading, plus the warm-up when on);
 * per batch size n: the first `PUT /generate` of n greedy rows (`first_s`), then the same request again
-  (`again_s`). What the first pays beyond the second is what the warm-up is meant to take off it.
+  (`again_s`). What the first pays beyond the second is what the warm-up is meant to take off it. The rows
+  generate `--tokens` tokens, so they cross KV buckets, whose first steps capture new graphs;
+* `captures_after_ready`: the graph captures the server logged while serving, and their seconds.
 
     python scripts/first_request.py --out out/first_request.json                  # the demo model on GPU 0
     python scripts/first_request.py --model /ckpt --sizes 1,8 --override trainer.precision=bf16
@@ -32,13 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_and_time(warm: bool, args) -> dict:
+def serve_and_time(warm: bool, triton_cache: str, name: str, args) -> dict:
     port = free_port()
-    log_path = os.path.join(args.logs, f"server_warm_up_{warm}.log")
+    log_path = os.path.join(args.logs, f"server_{name}.log")
     model = [f"gpt_model_file={args.model}"] if args.model else []
     cmd = [sys.executable, "-m", "nemotron.eval", "server=True", "host=127.0.0.1", f"port={port}", "prompts=[]",
            f"warm_up={warm}", *model, *args.override]
-    with tempfile.TemporaryDirectory() as triton_cache, open(log_path, "w") as log:
+    with open(log_path, "w") as log:
         env = dict(os.environ, TRITON_CACHE_DIR=triton_cache)
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -53,8 +56,10 @@ def serve_and_time(warm: bool, args) -> dict:
                     pass
                 if time.perf_counter() - started > args.timeout:
                     raise SystemExit(f"not healthy within {args.timeout} s; see {log_path}")
-                time.sleep(0.1)
-            result = {"warm_up": warm, "ready_s": round(time.perf_counter() - started, 2), "sizes": {}}
+                time.sleep(0.25)
+            with open(log_path) as f:
+                ready_lines = len(f.read().splitlines())
+            result = {"run": name, "warm_up": warm, "ready_s": round(time.perf_counter() - started, 2), "sizes": {}}
             for n in args.sizes:
                 body = {"sentences": [f"{i} def f(x):" for i in range(n)], "greedy": True,
                         "tokens_to_generate": args.tokens, "min_tokens_to_generate": args.tokens}
@@ -66,7 +71,7 @@ def serve_and_time(warm: bool, args) -> dict:
                     if out.status_code != 200:
                         raise SystemExit(f"{n} rows: HTTP {out.status_code} {out.text[:300]}")
                 result["sizes"][n] = {"first_s": times[0], "again_s": times[1]}
-                print(f"warm_up={warm}: {n} rows x {args.tokens} tokens: first {times[0]:.3f} s, "
+                print(f"{name}: {n} rows x {args.tokens} tokens: first {times[0]:.3f} s, "
                       f"again {times[1]:.3f} s", flush=True)
         finally:
             proc.terminate()
@@ -76,8 +81,13 @@ def serve_and_time(warm: bool, args) -> dict:
                 proc.kill()
                 proc.wait()
     with open(log_path) as f:
-        result["server_log"] = [line for line in f.read().splitlines() if "warm-up" in line or "captured" in line]
-    print(f"warm_up={warm}: healthy after {result['ready_s']} s", flush=True)
+        lines = f.read().splitlines()
+    result["server_log"] = [line for line in lines if "warm-up" in line or "captured" in line]
+    serving = [float(line.split("captured in ")[1].split(" s")[0]) for line in lines[ready_lines:]
+               if "captured in " in line]
+    result["captures_after_ready"] = {"count": len(serving), "seconds": round(sum(serving), 2)}
+    print(f"{name}: healthy after {result['ready_s']} s; {len(serving)} captures while serving, "
+          f"{sum(serving):.2f} s", flush=True)
     return result
 
 
@@ -85,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="gpt_model_file (default: the embedded demo model)")
     ap.add_argument("--sizes", default="1,8,64", help="batch sizes, in the order sent")
-    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--override", action="append", default=["trainer.precision=bf16"],
                     help="more Hydra overrides for the server")
     ap.add_argument("--timeout", type=float, default=600)
@@ -94,7 +104,9 @@ def main() -> None:
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.logs = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(args.logs, exist_ok=True)
-    runs = [serve_and_time(warm, args) for warm in (False, True)]
+    with tempfile.TemporaryDirectory() as cold, tempfile.TemporaryDirectory() as reused:
+        runs = [serve_and_time(False, cold, "no_warm_up", args), serve_and_time(True, reused, "warm_up", args),
+                serve_and_time(True, reused, "warm_up_restart", args)]
     report = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "runs": runs}
     try:
         import torch

@@ -431,7 +431,7 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
 if triton is not None:
     @triton.jit
     def _decode_attn_kernel(Q, CK, CV, POS, SLOTS, O, PART, STATS, slot_stride, group_stride, scale, chunk,
-                            HPG: tl.constexpr, HN: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+                            HPG: tl.constexpr, HN: tl.constexpr, ONE_SPLIT: tl.constexpr, IEEE: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             PDL: tl.constexpr):
         """Program (row b, group g, split sp): keys [sp*chunk, min((sp+1)*chunk, pos[b]+1)) of row b's slot,
@@ -440,7 +440,9 @@ if triton is not None:
         The group's HPG query heads are the rows of one [BLOCK_H, BLOCK_D] tile, so K/V are read once per group
         (GQA without repeats) and only up to the row's own length. Online softmax in float32; p is rounded to the
         value dtype before p @ v, as flash attention does. One split writes O; several write float32 partial
-        sums and (max, sum) to PART/STATS for `_decode_attn_combine`."""
+        sums and (max, sum) to PART/STATS for `_decode_attn_combine`. The number of splits is the grid's third
+        dimension, not a compile-time constant: each KV bucket splits differently, and a constant would compile
+        every config again for each (seconds the first time a batch size reaches a new KV bucket)."""
         if PDL:
             _pdl_enter()
         b = tl.program_id(0).to(tl.int64)
@@ -479,18 +481,18 @@ if triton is not None:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        if SPLITS == 1:
+        if ONE_SPLIT:
             tl.store(O + ((b * ng + g) * HPG + h) * HN + d, (acc / l_i[:, None]).to(O.dtype.element_ty),
                      mask=hd_mask)
         else:
-            at = (b * ng + g) * SPLITS + sp
+            at = (b * ng + g) * tl.num_programs(2) + sp
             tl.store(PART + (at * BLOCK_H + h) * BLOCK_D + d, acc)
             hh = tl.arange(0, BLOCK_H)
             tl.store(STATS + (at * 2) * BLOCK_H + hh, m_i)
             tl.store(STATS + (at * 2 + 1) * BLOCK_H + hh, l_i)
 
     @triton.jit
-    def _decode_attn_combine(PART, STATS, O, HPG: tl.constexpr, HN: tl.constexpr, SPLITS: tl.constexpr,
+    def _decode_attn_combine(PART, STATS, O, splits, HPG: tl.constexpr, HN: tl.constexpr,
                              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """Program (row, group): merge the splits' partial softmax sums (every split but empty ones holds keys)."""
         if PDL:
@@ -500,12 +502,12 @@ if triton is not None:
         h = hh[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        for sp in range(SPLITS):
-            m = tl.maximum(m, tl.load(STATS + ((bg * SPLITS + sp) * 2) * BLOCK_H + hh))
+        for sp in range(splits):
+            m = tl.maximum(m, tl.load(STATS + ((bg * splits + sp) * 2) * BLOCK_H + hh))
         l_sum = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        for sp in range(SPLITS):
-            at = bg * SPLITS + sp
+        for sp in range(splits):
+            at = bg * splits + sp
             w = tl.exp(tl.load(STATS + (at * 2) * BLOCK_H + hh) - m)  # an empty split: exp(-inf) = 0
             l_sum += tl.load(STATS + (at * 2 + 1) * BLOCK_H + hh) * w
             acc += tl.load(PART + (at * BLOCK_H + h) * BLOCK_D + d) * w[:, None]
@@ -573,10 +575,10 @@ def _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg):
         part = stats = out  # unused
     _decode_attn_kernel[(n, ng, splits)](
         q, cache_k, cache_v, positions, slots, out, part, stats, cache_k.stride(0), cache_k.stride(1), hn ** -0.5,
-        chunk, HPG=hpg, HN=hn, SPLITS=splits, IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
+        chunk, HPG=hpg, HN=hn, ONE_SPLIT=splits == 1, IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=warps, num_stages=stages, **_pdl(q))
     if splits > 1:
-        _decode_attn_combine[(n * ng,)](part, stats, out, HPG=hpg, HN=hn, SPLITS=splits, BLOCK_H=block_h,
+        _decode_attn_combine[(n * ng,)](part, stats, out, splits, HPG=hpg, HN=hn, BLOCK_H=block_h,
                                         BLOCK_D=block_d, num_warps=4, **_pdl(q))
     return out
 
