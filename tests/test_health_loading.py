@@ -24,12 +24,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_rank(rank, master, http_port, *overrides, stderr=subprocess.PIPE):
+def start_rank(rank, master, http_port, *overrides, stderr=subprocess.PIPE, layout=("tensor", "pipeline")):
     env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", LOCAL_WORLD_SIZE="2",
                WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master), OMP_NUM_THREADS="1",
                TORCHELASTIC_RUN_ID="health-test")
     cmd = [sys.executable, "-m", "nemotron.eval", f"gpt_model_file={TINY}", "trainer.precision=32",
-           "tensor_model_parallel_size=2", "trainer.devices=2", "server=True", "host=127.0.0.1",
+           f"{layout[0]}_model_parallel_size=2", f"{layout[1]}_model_parallel_size=1", "trainer.devices=2",
+           "server=True", "host=127.0.0.1",
            f"port={http_port}", "prompts=[]", *overrides]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
                             start_new_session=True)
@@ -111,16 +112,17 @@ def test_idle_followers_outlive_the_control_timeout():
 
 
 @pytest.mark.slow
-def test_warm_up_runs_every_batch_bucket_before_health_and_keeps_the_ranks_in_step(tmp_path):
+@pytest.mark.parametrize("layout", [("tensor", "pipeline"), ("pipeline", "tensor")], ids=["tp2", "pp2"])
+def test_warm_up_runs_every_batch_bucket_before_health_and_keeps_the_ranks_in_step(tmp_path, layout):
     """warm_up=true (on CPU, where the default is off): before /health says 200, rank 0 sends one two-token
-    request per decode batch bucket up to inference.max_batch_size, the largest first, through both TP ranks;
-    afterwards the server answers as one that skipped the warm-up."""
+    request per decode batch bucket up to inference.max_batch_size, the largest first, through both ranks (TP2 or
+    PP2); afterwards the server answers as one that skipped the warm-up."""
     answers = {}
     for warm in (True, False):
         master, port = free_port(), free_port()
         log_path = tmp_path / f"rank0_{warm}.log"
         with open(log_path, "w") as log:
-            procs = [start_rank(r, master, port, f"warm_up={warm}", "inference.max_batch_size=6",
+            procs = [start_rank(r, master, port, f"warm_up={warm}", "inference.max_batch_size=6", layout=layout,
                                 stderr=log if r == 0 else subprocess.DEVNULL) for r in (0, 1)]
             try:
                 deadline = time.time() + 120

@@ -224,8 +224,9 @@ class Engine:
         """Short requests that make each decode batch size the engine can meet pay its one-off costs now: a CUDA-graph
         bucket's first step compiles its Triton kernels, times each product's kernels, tunes the captured step and
         captures it, which otherwise falls on the first request of that size (27-34 s at one row with an empty
-        Triton cache, on an H200: docs/benchmarks.md, fifteenth round). One request per bucket up to `max_slots` rows, the largest first, so the cache is allocated once; each
-        generates two tokens, so its rows take one decode step."""
+        Triton cache, on an H200: docs/benchmarks.md, fifteenth round). One request per bucket up to `max_slots`
+        rows, the largest first, so the cache is allocated once; each generates two tokens, so its rows take one
+        decode step."""
         from nemotron.engine.graphs import BATCH_BUCKETS
         buckets = self.graphs.buckets if self.graphs is not None else BATCH_BUCKETS
         rows = [b for b in buckets if b < self.max_slots] + ([self.max_slots] if self.max_slots <= buckets[-1] else [])
