@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--override", action="append", default=["trainer.precision=bf16"],
                     help="more Hydra overrides for the server")
+    ap.add_argument("--runs", default="no_warm_up,warm_up,warm_up_restart", help="which of the three to run")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", default="first_request.json")
     args = ap.parse_args()
@@ -105,8 +106,8 @@ def main() -> None:
     args.logs = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(args.logs, exist_ok=True)
     with tempfile.TemporaryDirectory() as cold, tempfile.TemporaryDirectory() as reused:
-        runs = [serve_and_time(False, cold, "no_warm_up", args), serve_and_time(True, reused, "warm_up", args),
-                serve_and_time(True, reused, "warm_up_restart", args)]
+        plan = {"no_warm_up": (False, cold), "warm_up": (True, reused), "warm_up_restart": (True, reused)}
+        runs = [serve_and_time(*plan[name], name, args) for name in args.runs.split(",")]
     report = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "runs": runs}
     try:
         import torch

@@ -5,6 +5,7 @@ kernels in Triton's interpreter against the torch versions, the GPU benchmark co
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -53,6 +54,37 @@ def _pdl(x: torch.Tensor) -> dict:
     on = (x.is_cuda and gdc_wait is not None and pdl_mode() == "1"
           and torch.cuda.get_device_capability(x.device)[0] >= 9)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+def _launch(kernel, grid, compile_only: bool, **kwargs) -> None:
+    """kernel[grid](**kwargs); with compile_only, only compile that variant (Triton's warmup: nothing runs)."""
+    if compile_only:
+        kernel.warmup(grid=grid, **kwargs)
+    else:
+        kernel[grid](**kwargs)
+
+
+def compile_in_parallel(compiles, device: torch.device) -> None:
+    """Run `compiles` (callables that compile candidate kernels, compile_only=True) on several threads, before
+    the candidates are timed one by one. With an empty Triton cache, compiling is most of a batch size's first
+    capture (~29 s of the 1-row graph's on an H200: docs/benchmarks.md, fifteenth round), and Triton's compiler
+    releases the GIL for most of its work. The first runs alone (it sets up Triton's per-device state). A candidate
+    that fails here is skipped: it fails again, and is reported, when timed."""
+    compiles = list(compiles)
+    workers = min(len(compiles) - 1, len(os.sched_getaffinity(0)), 16)  # the CPUs Slurm or taskset left us
+    if workers < 2:
+        return  # the timing compiles them one by one anyway
+
+    def quietly(fn):
+        torch.cuda.set_device(device)  # a new thread's current device is 0: never touch another rank's GPU
+        try:
+            fn()
+        except Exception:
+            pass
+    quietly(compiles[0])
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(workers, thread_name_prefix="triton-compile") as pool:
+        list(pool.map(quietly, compiles[1:]))
 
 
 # --- Triton kernels ------------------------------------------------------------------------------------------
@@ -554,6 +586,8 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
         if not q.is_cuda or torch.cuda.is_current_stream_capturing():
             cfg = configs[0]  # the interpreter; or a capture without a warm-up (never time inside one)
         else:
+            compile_in_parallel((functools.partial(_attn_launch, q, cache_k, cache_v, positions, slots, kv_len, c,
+                                                   compile_only=True) for c in configs), q.device)
             times = {c: graph_time_ms(lambda: _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, c))
                      for c in configs}
             cfg = min(times, key=times.get)
@@ -562,7 +596,7 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     return _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg)
 
 
-def _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg):
+def _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg, compile_only: bool = False):
     n, ng, hpg, hn = q.shape
     block_n, warps, stages = cfg[:3]
     max_splits = cfg[3] if len(cfg) > 3 else 1 << 30
@@ -578,14 +612,15 @@ def _attn_launch(q, cache_k, cache_v, positions, slots, kv_len, cfg):
         stats = torch.empty(n * ng * splits * 2 * block_h, dtype=torch.float32, device=q.device)
     else:
         part = stats = out  # unused
-    _decode_attn_kernel[(n, ng, splits)](
-        q, cache_k, cache_v, positions, slots, out, part, stats, cache_k.stride(0), cache_k.stride(1), hn ** -0.5,
-        chunk, HPG=hpg, HN=hn, ONE_SPLIT=splits == 1, IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
-        BLOCK_D=block_d, num_warps=warps, num_stages=stages, **_pdl(q))
+    _launch(_decode_attn_kernel, (n, ng, splits), compile_only,
+            Q=q, CK=cache_k, CV=cache_v, POS=positions, SLOTS=slots, O=out, PART=part, STATS=stats,
+            slot_stride=cache_k.stride(0), group_stride=cache_k.stride(1), scale=hn ** -0.5, chunk=chunk, HPG=hpg,
+            HN=hn, ONE_SPLIT=splits == 1, IEEE=q.dtype == torch.float32, BLOCK_H=block_h, BLOCK_N=block_n,
+            BLOCK_D=block_d, num_warps=warps, num_stages=stages, **_pdl(q))
     if splits > 1:
-        _decode_attn_combine[(n * ng,)](part, stats, out, splits, HPG=hpg, HN=hn,
-                                        SPLITS_P2=triton.next_power_of_2(splits), BLOCK_H=block_h,
-                                        BLOCK_D=block_d, num_warps=4, **_pdl(q))
+        _launch(_decode_attn_combine, (n * ng,), compile_only, PART=part, STATS=stats, O=out, splits=splits,
+                HPG=hpg, HN=hn, SPLITS_P2=triton.next_power_of_2(splits), BLOCK_H=block_h, BLOCK_D=block_d,
+                num_warps=4, **_pdl(q))
     return out
 
 
@@ -718,10 +753,10 @@ step_tuning: Dict[str, dict] = {}  # per product: the whole-step times that kept
 skinny_errors: Dict[str, str] = {}
 
 
-def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None):
+def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None, compile_only: bool = False):
     """y = x @ w^T [relu^2] with config cfg; with a target, y (None then) goes to the peer exchange instead."""
     if cfg[0] == "gemv":
-        return _gemv_launch(x, w, y, relu2, cfg, target)
+        return _gemv_launch(x, w, y, relu2, cfg, target, compile_only)
     bn, bk, warps, stages = cfg[:4]
     M, K = x.shape
     N = w.shape[0]
@@ -730,7 +765,7 @@ def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None):
     part = torch.empty(splits * M * N, dtype=torch.float32, device=x.device) if splits > 1 else None
     y_or_part = y if y is not None else part if part is not None else x
     stride_y = y.stride(0) if y is not None else N
-    _skinny_mm_kernel[(triton.cdiv(N, bn), splits)](
+    _launch(_skinny_mm_kernel, (triton.cdiv(N, bn), splits), compile_only,
         X=x, W=w, Y=y_or_part, PART=part if part is not None else y_or_part, M=M, N=N, K=K, k_chunk=k_chunk,
         stride_x=x.stride(0), stride_w=w.stride(0), stride_y=stride_y, RELU2=relu2,
         IEEE=x.dtype == torch.float32, SPLIT_K=splits, BLOCK_M=_block_m(M), BLOCK_N=bn, BLOCK_K=bk,
@@ -738,19 +773,18 @@ def _skinny_launch(x, w, y, relu2, cfg, target: Optional[PeerSum] = None):
         **_pdl(x))
     if splits > 1:
         block = min(1024, triton.next_power_of_2(N))
-        _splitk_reduce[(M, triton.cdiv(N, block))](
+        _launch(_splitk_reduce, (M, triton.cdiv(N, block)), compile_only,
             PART=part, Y=y if y is not None else part, M=M, N=N, stride_y=stride_y, RELU2=relu2, SPLIT_K=splits,
             BLOCK=block, num_warps=4, **_producer_args(target, part), **_pdl(x))
 
 
-def _gemv_launch(x, w, y, relu2, cfg, target: Optional[PeerSum]):
+def _gemv_launch(x, w, y, relu2, cfg, target: Optional[PeerSum], compile_only: bool = False):
     _, bn, bk, warps = cfg
     N, K = w.shape
     assert x.shape == (1, K) and (y is None or y.shape == (1, N) and y.is_contiguous())
     y = y if y is not None else x  # pushing: no y
-    _gemv_kernel[(triton.cdiv(N, bn),)](X=x, W=w, Y=y, N=N, K=K, stride_w=w.stride(0), RELU2=relu2, BLOCK_N=bn,
-                                        BLOCK_K=bk, num_warps=warps, num_stages=1, **_producer_args(target, y),
-                                        **_pdl(x))
+    _launch(_gemv_kernel, (triton.cdiv(N, bn),), compile_only, X=x, W=w, Y=y, N=N, K=K, stride_w=w.stride(0),
+            RELU2=relu2, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1, **_producer_args(target, y), **_pdl(x))
 
 
 #: Values per push-kernel program: few, so a [1, h] product is pushed from many SMs at once. With 1024 (4 programs
@@ -828,6 +862,8 @@ def _pick_skinny(x, w, out_dtype, relu2, target: Optional[PeerSum]) -> Optional[
         rehearsal = target.rehearsal()
         times = {"cublas": graph_time_ms(lambda: _push_launch(_cublas(x, w, out_dtype, relu2), rehearsal))}
     configs = skinny_configs(x.shape[0])
+    compile_in_parallel((functools.partial(_skinny_launch, x, w, y, relu2, cfg, compile_only=True) for cfg in configs),
+                        x.device)
     for cfg in configs:
         try:
             times[str(cfg)] = graph_time_ms(lambda: _skinny_launch(x, w, y, relu2, cfg))
@@ -993,11 +1029,11 @@ LN_FUSE_MAX_WIDTH = 8192  # the whole row sits in registers for the statistics
 _ln_choice: Dict[Tuple, Optional[Tuple[int, int, int, int]]] = {}
 
 
-def _ln_launch(x, delta, s, gamma, beta, eps, w, y, relu2, cfg):
+def _ln_launch(x, delta, s, gamma, beta, eps, w, y, relu2, cfg, compile_only: bool = False):
     bn, bk, warps, stages = cfg
     M, K = x.shape
     N = w.shape[0]
-    _ln_skinny_mm_kernel[(triton.cdiv(N, bn),)](
+    _launch(_ln_skinny_mm_kernel, (triton.cdiv(N, bn),), compile_only,
         X=x, D=delta if delta is not None else x, S=s, G=gamma, Bt=beta, W=w, Y=y, M=M, N=N, K=K, eps=eps,
         stride_w=w.stride(0), stride_y=y.stride(0), HAS_D=delta is not None, RELU2=relu2,
         IEEE=x.dtype == torch.float32, ROWS=LN_FUSE_MAX_ROWS, BLOCK_M=_block_m(LN_FUSE_MAX_ROWS),
@@ -1032,6 +1068,8 @@ def add_layer_norm_linear(x: torch.Tensor, delta: Delta, gamma: torch.Tensor,
             s_buf = torch.empty_like(x)
             y_buf = torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device)
             times = {"unfused": graph_time_ms(unfused)}
+            compile_in_parallel((functools.partial(_ln_launch, x, delta, s_buf, gamma, beta, eps, w, y_buf, relu2,
+                                                   cfg, compile_only=True) for cfg in SKINNY_CONFIGS), x.device)
             for cfg in SKINNY_CONFIGS:
                 try:
                     times[str(cfg)] = graph_time_ms(
