@@ -9,7 +9,7 @@
 #       tensor_model_parallel_size=8 trainer.devices=8 trainer.precision=bf16     # one process per GPU
 #   enroot import -o nemotron.sqsh dockerd://nemotron:0.1.0             # for Slurm + pyxis: IMAGE=nemotron.sqsh
 # Add -v nemotron-triton:/home/nemotron/.triton to `docker run` so a restart reuses the compiled decode kernels: the
-# server's warm-up then takes seconds instead of a minute or more (README, warm_up).
+# server's warm-up then takes seconds instead of half a minute or more (README, warm_up).
 #
 # Base image: nvcr.io/nvidia/pytorch:26.04-py3 (Ubuntu 24.04, Python 3.12, NCCL, and NVIDIA's CUDA build of torch
 # 2.12.0a0+0291f960b6.nv26.04, as public logs of that image report; it was not pulled here).
