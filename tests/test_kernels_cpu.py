@@ -190,3 +190,27 @@ def test_a_bad_decode_matmul_switch_is_refused_at_start_up(tiny_model, monkeypat
         DecodeGraphs(tiny_model, capture=False)
     monkeypatch.setenv("NEMOTRON_DECODE_MATMUL", "cublas")
     DecodeGraphs(tiny_model, capture=False)  # a valid value is accepted
+
+
+def test_compile_in_parallel_runs_every_candidate_and_skips_failures(monkeypatch):
+    """Candidates' compiles (engine/kernels.py, `compile_in_parallel`): the first in the calling thread, the rest on
+    worker threads; one that raises is skipped (it is reported when timed), and the others still run."""
+    import threading
+    monkeypatch.setattr(kernels.os, "sched_getaffinity", lambda pid: set(range(4)))
+    ran, lock = {}, threading.Lock()
+
+    def compile_(i):
+        def run():
+            with lock:
+                ran[i] = threading.current_thread().name
+            if i == 2:
+                raise RuntimeError("this config does not compile")
+        return run
+    kernels.compile_in_parallel([compile_(i) for i in range(6)], torch.device("cpu"))
+    assert sorted(ran) == list(range(6))
+    assert ran[0] == threading.current_thread().name
+    assert all(ran[i].startswith("triton-compile") for i in range(1, 6))
+    ran.clear()
+    monkeypatch.setattr(kernels.os, "sched_getaffinity", lambda pid: {0})
+    kernels.compile_in_parallel([compile_(i) for i in range(6)], torch.device("cpu"))
+    assert ran == {}  # one CPU: nothing to gain, the timing compiles them one by one

@@ -76,7 +76,8 @@ def compile_in_parallel(compiles, device: torch.device) -> None:
         return  # the timing compiles them one by one anyway
 
     def quietly(fn):
-        torch.cuda.set_device(device)  # a new thread's current device is 0: never touch another rank's GPU
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # a new thread's current device is 0: never touch another rank's GPU
         try:
             fn()
         except Exception:
