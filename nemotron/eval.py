@@ -223,8 +223,8 @@ def run(cfg: DictConfig) -> int:
         if web is not None:
             if web.failed:
                 raise web.failed[0]
-            wanted = cfg.get("warm_up")
-            if engine.graphs is not None if wanted is None else wanted:
+            wanted = cfg.get("warm_up")  # null: warm up where there is something to warm (CUDA graphs)
+            if (engine.graphs is not None) if wanted is None else wanted:
                 warm_up(coordinator, engine)
             web.serve_until_stopped(coordinator)
     finally:
