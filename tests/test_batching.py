@@ -192,6 +192,30 @@ def test_the_cache_falls_back_to_the_exact_size_when_the_power_of_two_does_not_f
     assert out["token_ids"] == Engine(tiny_model, tiny_tokenizer).generate(req)["token_ids"]
 
 
+def test_a_long_request_after_a_wide_one_gets_a_cache_of_its_own_width_when_the_wider_does_not_fit(
+        tiny_model, tiny_tokenizer, monkeypatch):
+    """Growing keeps the old rows (no reallocation per request), but not at the price of refusing a request that
+    fits alone: after 34 rows of 64 positions, one row of ~110 positions gets 1 + 1 slots when 64 + 1 do not fit."""
+    engine = Engine(tiny_model, tiny_tokenizer)
+    wide = parse_request({"sentences": ["x"] * 34, "greedy": True, "tokens_to_generate": 3})
+    engine.generate(wide)
+    assert (engine.cache.num_slots, engine.cache.max_seq) == (65, 64)
+    real = tiny_model.new_cache
+    asked = []
+
+    def at_most_4096_slot_positions(slots, max_seq):  # 65 x 64 fitted; 65 x 128 does not
+        asked.append((slots, max_seq))
+        if slots * max_seq > 4096:
+            raise torch.OutOfMemoryError("injected")
+        return real(slots, max_seq)
+    monkeypatch.setattr(tiny_model, "new_cache", at_most_4096_slot_positions)
+    long = parse_request({"sentences": ["def f(x):"], "greedy": True, "tokens_to_generate": 100,
+                          "min_tokens_to_generate": 100})
+    out = engine.generate(long)
+    assert asked == [(65, 128), (2, 128)] and engine.cache.num_slots == 2
+    assert out["token_ids"] == Engine(tiny_model, tiny_tokenizer).generate(long)["token_ids"]
+
+
 def test_abort_drops_every_job_and_frees_their_slots(engine):
     req = parse_request({"sentences": ["a", "b"], "tokens_to_generate": 30})
     jobs = [engine.submit(req, engine.tokenize(req)) for _ in range(3)]

@@ -320,13 +320,16 @@ class Engine:
         """Make the cache hold `rows` rows of `positions` positions, plus the last slot, which the graphs' padding
         rows write to. It grows in powers of two (rarely, then), or to the exact need (positions in 64s) when the
         power of two does not fit; the running rows' keys are copied over, or, when none run, the old cache is
-        freed first. Every rank agrees on each attempt's success before going on."""
+        freed first. Growing keeps the larger of the old and new rows and positions, unless that does not fit while
+        nothing runs: then the need alone is tried, so a long request is never refused for the width of an earlier
+        one (e.g. the server's warm-up at 128 rows). Every rank agrees on each attempt's success before going on."""
         c = self.cache
         if c is not None and c.num_slots - 1 >= rows and c.max_seq >= positions:
             return True
         old_usable, old_seq = (c.num_slots - 1, c.max_seq) if c is not None else (0, 0)
-        rows, positions = max(rows, old_usable), max(positions, old_seq)
         max_pos = self.cfg.max_position_embeddings
+        alone = (rows, min(max_pos, -(-positions // 64) * 64))
+        rows, positions = max(rows, old_usable), max(positions, old_seq)
         roomy = (min(self.max_slots, 1 << (rows - 1).bit_length()),
                  min(max_pos, max(64, 1 << (positions - 1).bit_length())))
         exact = (rows, min(max_pos, -(-positions // 64) * 64))
@@ -335,7 +338,7 @@ class Engine:
             self.cache = c = None
             if self.graphs is not None:
                 self.graphs.reset()  # they hold the old cache too
-        for usable, seq in dict.fromkeys((roomy, exact)):
+        for usable, seq in dict.fromkeys((roomy, exact) if keep else (roomy, exact, alone)):
             try:
                 new = self.model.new_cache(usable + 1, seq)
                 if keep:  # rows keep their slot numbers
