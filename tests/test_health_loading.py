@@ -114,11 +114,11 @@ def test_idle_followers_outlive_the_control_timeout():
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [("tensor", "pipeline"), ("pipeline", "tensor")], ids=["tp2", "pp2"])
 def test_warm_up_runs_every_batch_bucket_before_health_and_keeps_the_ranks_in_step(tmp_path, layout):
-    """warm_up=true (on CPU, where the default is off): before /health says 200, rank 0 sends one two-token
+    """warm_up=true (on CPU, where the default, null, means off): before /health says 200, rank 0 sends one two-token
     request per decode batch bucket up to inference.max_batch_size, the largest first, through both ranks (TP2 or
     PP2); afterwards the server answers as one that skipped the warm-up."""
     answers = {}
-    for warm in (True, False):
+    for warm in ("true", "false", "null"):
         master, port = free_port(), free_port()
         log_path = tmp_path / f"rank0_{warm}.log"
         with open(log_path, "w") as log:
@@ -131,8 +131,8 @@ def test_warm_up_runs_every_batch_bucket_before_health_and_keeps_the_ranks_in_st
                     assert time.time() < deadline, "never became healthy"
                     time.sleep(0.2)
                 warm_lines = [line for line in log_path.read_text().splitlines() if "warm-up:" in line]
-                assert len(warm_lines) == (1 if warm else 0), log_path.read_text()[-2000:]
-                if warm:  # buckets 1, 2, 4 and the 6 rows that bucket 8 serves
+                assert len(warm_lines) == (1 if warm == "true" else 0), log_path.read_text()[-2000:]
+                if warm == "true":  # buckets 1, 2, 4 and the 6 rows that bucket 8 serves
                     assert "4 requests (6, 4, 2, 1 rows)" in warm_lines[0], warm_lines
                 body = {"sentences": ["def f(x):", "class A:"], "greedy": True, "tokens_to_generate": 6}
                 out = requests.put(f"http://127.0.0.1:{port}/generate", json=body, timeout=60)
@@ -141,4 +141,4 @@ def test_warm_up_runs_every_batch_bucket_before_health_and_keeps_the_ranks_in_st
                 stop_ranks(procs)
             finally:
                 kill_leftovers(procs)
-    assert answers[True] == answers[False]
+    assert answers["true"] == answers["false"] == answers["null"]
