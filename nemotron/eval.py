@@ -68,7 +68,8 @@ def load_prompts(cfg: DictConfig) -> list:
 
 
 class _EarlyServer:
-    """Rank 0's HTTP server, listening from the start: /health answers 503 until every rank has loaded its shard.
+    """Rank 0's HTTP server, listening from the start: /health answers 503 until every rank has loaded its shard
+    and the warm-up (if any) has run.
 
     The server runs in a thread. The main thread owns SIGTERM/SIGINT: a signal while loading exits at once (the
     other ranks notice rank 0 is gone); after that it drains the server, and the caller shuts the ranks down.

@@ -7,7 +7,8 @@ Routes (every answer is JSON, errors are ``{"message": "<text>"}``):
   ``all_probs``). Up to 128 sentences.
 * ``GET /`` and ``PUT /``: 200 with a small description and the requests running and queued (the 340B card's start-up
   probe is ``curl -X PUT host:port``).
-* ``GET /health``: 200 ``{"status": "ok"}`` once ``ready()`` says the model is loaded on every rank, 503 before.
+* ``GET /health``: 200 ``{"status": "ok"}`` once ``ready()`` says the model is loaded on every rank (and warmed up),
+  503 before.
 * ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI-compatible (non-streaming).
   :mod:`nemotron.openai_api` translates each request into a NeMo payload, which goes through ``parse_request`` and
   the coordinator like ``PUT /generate``, and translates the answer back. Same auth, readiness, body limit,
@@ -174,7 +175,8 @@ def create_app(
         if state["draining"]:
             raise _Refused("the server is shutting down", 503)
         if not is_ready():
-            raise _Refused("the model is not loaded on all ranks yet; retry when GET /health answers 200", 503)
+            raise _Refused("the model is not loaded on all ranks yet (or is warming up); retry when GET /health "
+                           "answers 200", 503)
 
     def json_body() -> Any:
         """The decoded JSON body of a generation request, once the server can serve it (else _Refused / 413)."""

@@ -343,7 +343,7 @@ class DecodeGraphs:
         inside: the step reads st.inp and writes st.out only, so the stages capture independently (the TP
         collectives in it are within the stage)."""
         t0 = time.perf_counter()
-        tuned = len(step_tuning)
+        tuned_before = len(step_tuning)
         graph = self._capture_step(n, S, st, cache)
         if matmul_mode() == "auto" and step_tune_mode() == "1":
             graph = self._tune_products(n, S, st, cache, graph)
@@ -351,7 +351,7 @@ class DecodeGraphs:
         self.captures += 1
         seconds = time.perf_counter() - t0
         self.capture_s += seconds
-        tuned = len(step_tuning) - tuned
+        tuned = len(step_tuning) - tuned_before
         if self.ps.rank == 0:  # what a request waited for (the server's warm-up moves the first ones before /health)
             log.info("decode graph for %d rows x %d keys captured in %.2f s%s", n, S, seconds,
                      f", {tuned} products step-tuned" if tuned else "")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -83,7 +84,6 @@ def compile_in_parallel(compiles, device: torch.device) -> None:
         except Exception:
             pass
     quietly(compiles[0])
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(workers, thread_name_prefix="triton-compile") as pool:
         list(pool.map(quietly, compiles[1:]))
 
