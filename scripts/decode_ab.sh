@@ -4,7 +4,8 @@
 # numbers from one call are compared. Make the folders here first; the device machine copies untracked folders.
 #   git archive REV nemotron scripts | tar -x -C ab/base --exclude=nemotron/demo/model_weights
 #   VARIANTS="base=ab/base new=." LAYOUTS="4 1" OUT=$OUT bash scripts/decode_ab.sh
-# A layout is the TP degree (1: plain python on GPU 0). PROFILE=1 adds the per-kernel profile of the graph step.
+# A layout is the TP degree (1: plain python on GPU 0). PROFILE=1 adds the per-kernel profile of the graph step;
+# BATCHES (default 1) is the benchmark's --batches.
 # Each run writes $OUT/<variant>_tp<N>.json and appends its log to $OUT/logs.txt; a summary goes to stdout.
 set -uo pipefail
 mkdir -p "${OUT:-out}"
@@ -16,7 +17,7 @@ for layout in ${LAYOUTS:-1}; do
     for v in ${VARIANTS:-new=.}; do
         name=${v%%=*}
         dir=$(cd "${v#*=}" && pwd)
-        args=(scripts/benchmark.py --suite decode --preset bench-8b --batches 1 --allreduce peer
+        args=(scripts/benchmark.py --suite decode --preset bench-8b --batches "${BATCHES:-1}" --allreduce peer
               --out "$OUT/${name}_tp$layout.json")
         [ "${PROFILE:-0}" = 1 ] && args+=(--profile 1)
         [ "$layout" != 1 ] && args+=(--tp "$layout")

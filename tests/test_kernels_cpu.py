@@ -111,6 +111,9 @@ torch.testing.assert_close(kernels.decode_linear(x3, w3, relu2=True), (x3 @ w3.t
                            rtol=1e-5, atol=1e-4)  # the cuBLAS (torch) path now
 kernels.set_product_choice("M3 N100 K300 float32 relu2", 3, tunable[1][1])
 assert kernels.step_tunable_products(3) == tunable
+# what the tuner tries for a product on cuBLAS: the fastest config timed alone (the interpreter's: the first)
+assert kernels.fastest_config("M3 N100 K300 float32 relu2", 3) == tunable[1][1]
+assert kernels.fastest_config("M3 N100 K301 float32 relu2", 3) is None
 
 # Split-K (each program sums part of K, a second kernel adds the parts in order), K not a multiple of the chunk
 for cfg in [(64, 32, 4, 2, 3), (32, 64, 4, 2, 2), (128, 16, 4, 2, 4)]:

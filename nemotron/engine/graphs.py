@@ -48,8 +48,8 @@ import torch.distributed as dist
 from nemotron.config import env_switch
 from nemotron.engine.forward import to_device
 from nemotron.engine.kernels import (Delta, add_layer_norm_linear, can_exchange, choice_name, decode_attention,
-                                     decode_linear, decode_linear_to_peers, embed_rows, matmul_mode, rope_to_cache,
-                                     set_product_choice, step_tunable_products, step_tuning, sum_parts)
+                                     decode_linear, decode_linear_to_peers, embed_rows, fastest_config, matmul_mode,
+                                     rope_to_cache, set_product_choice, step_tunable_products, step_tuning, sum_parts)
 from nemotron.model import KVCache, NemotronModel
 from nemotron.parallel.layers import all_gather_last_dim, all_reduce
 from nemotron.parallel.peer_allreduce import PeerExchange, PeerSum, peer_exchange_for
@@ -376,30 +376,37 @@ class DecodeGraphs:
                        graph: torch.cuda.CUDAGraph) -> torch.cuda.CUDAGraph:
         """Each product of n rows was given the kernel that was fastest timed alone, but inside the step a product
         can cost more or less than alone: at batch 8 on an H200, cuBLAS ran proj in 12.6 us in the step against
-        15.9 for the Triton kernel that had won alone (docs/benchmarks.md, thirteenth round). So each product on a
-        Triton kernel is tried on cuBLAS once, by capturing and timing the whole step, and the faster step is
-        kept. Replays repeat the step's cache writes with the same values, so they change nothing. Every rank of
-        the stage's TP group tries the same products in the same order and keeps what the slowest rank measured,
-        so all of them decide alike (their collectives stay in step). A product is tuned once per process, as its
+        15.9 for the Triton kernel that had won alone (docs/benchmarks.md, thirteenth round). So each product is
+        tried once on the other side, by capturing and timing the whole step, and the faster step is kept: a
+        product on a Triton kernel on cuBLAS, and one on cuBLAS on its fastest Triton config (the Triton kernels
+        start under PDL, cuBLAS's do not). Replays repeat the step's cache writes with the same values, so they
+        change nothing. Every rank of the stage's TP group tries the same products in the same order and keeps
+        what the slowest rank measured, so all of them decide alike (their collectives stay in step); a product is
+        tried on Triton only where every rank has a config that ran. A product is tuned once per process, as its
         choice is made once per process: later captures, and other engines on the same weights, reuse it."""
         group = self.ps.tp_group
         for name, cfg in step_tunable_products(n):
             if name in step_tuning:
                 continue
             alone = choice_name(cfg)  # this rank's choice timed alone (ranks may differ)
-            if not _group_max(float(cfg is not None), group, self.device):
-                step_tuning[name] = {"alone": alone, "moved": False, "kept": alone,
-                                     "why": "cuBLAS was faster timed alone on every rank"}
-                continue
-            set_product_choice(name, n, None)
+            if _group_max(float(cfg is not None), group, self.device):
+                trial_cfg = None  # some rank runs Triton: try cuBLAS everywhere
+            else:
+                trial_cfg = fastest_config(name, n)
+                if _group_max(float(trial_cfg is None), group, self.device):
+                    step_tuning[name] = {"alone": alone, "moved": False, "kept": alone,
+                                         "why": "no Triton config ran on some rank"}
+                    continue
+            set_product_choice(name, n, trial_cfg)
             trial = self._capture_step(n, S, st, cache)
             base_ms = trial_ms = float("inf")
             for _ in range(2):  # alternated, best of two: a drift in clocks favours neither
                 base_ms = min(base_ms, _step_ms(graph, group, self.device))
                 trial_ms = min(trial_ms, _step_ms(trial, group, self.device))
             move = trial_ms < base_ms * (1 - STEP_TUNE_MIN_GAIN)  # the same on every rank: the group's times
-            step_tuning[name] = {"alone": alone, "step_ms": base_ms, "cublas_step_ms": trial_ms, "moved": move,
-                                 "kept": choice_name(None) if move else alone}
+            step_tuning[name] = {"alone": alone, "trial": choice_name(trial_cfg), "step_ms": base_ms,
+                                 "trial_step_ms": trial_ms, "moved": move,
+                                 "kept": choice_name(trial_cfg) if move else alone}
             if move:
                 graph = trial
             else:
@@ -407,7 +414,7 @@ class DecodeGraphs:
         return graph
 
 
-#: A product moves to cuBLAS only if the whole step gets at least this much faster (replay times vary by ~0.1 %).
+#: A product moves to its trial kernel only if the whole step gets at least this much faster (replays vary by ~0.1 %).
 STEP_TUNE_MIN_GAIN = 0.003
 
 

@@ -749,6 +749,7 @@ def _block_m(rows: int) -> int:
 
 
 _skinny_choice: Dict[Tuple, Optional[Tuple]] = {}
+_skinny_fastest: Dict[Tuple, Optional[Tuple]] = {}  # the fastest config timed alone, whether or not cuBLAS won
 skinny_timings: Dict[str, Dict[str, float]] = {}  # what the choice was made from (the benchmark records it)
 step_tuning: Dict[str, dict] = {}  # per product: the whole-step times that kept or moved it (engine/graphs.py)
 skinny_errors: Dict[str, str] = {}
@@ -846,16 +847,17 @@ def matmul_mode() -> str:
     return env_switch("NEMOTRON_DECODE_MATMUL", ("auto", "cublas", "triton"), "auto")
 
 
-def _pick_skinny(x, w, out_dtype, relu2, target: Optional[PeerSum]) -> Optional[Tuple]:
-    """Time cuBLAS and each config on these very tensors (outside any graph capture); None means cuBLAS. For a
-    product that goes to the peers, cuBLAS is timed with the push kernel it needs (into a rehearsal of the
-    target), but the configs without their pushes: in a step, a kernel's pushes overlap the kernels after it,
-    while timed alone they are paid in full, which ranked the configs wrongly (docs/benchmarks.md, ninth round)."""
+def _pick_skinny(x, w, out_dtype, relu2, target: Optional[PeerSum]) -> Tuple[Optional[Tuple], Optional[Tuple]]:
+    """Time cuBLAS and each config on these very tensors (outside any graph capture). Returns the choice (None
+    means cuBLAS) and the fastest config (None if none ran). For a product that goes to the peers, cuBLAS is
+    timed with the push kernel it needs (into a rehearsal of the target), but the configs without their pushes: in
+    a step, a kernel's pushes overlap the kernels after it, while timed alone they are paid in full, which ranked
+    the configs wrongly (docs/benchmarks.md, ninth round)."""
     mode = matmul_mode()
     if mode == "cublas":
-        return None
+        return None, None
     if not x.is_cuda:  # Triton's interpreter (CPU tests): always the kernel, first config
-        return skinny_configs(x.shape[0])[0]
+        return skinny_configs(x.shape[0])[0], skinny_configs(x.shape[0])[0]
     y = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
     if target is None:
         times = {"cublas": graph_time_ms(lambda: _cublas(x, w, out_dtype, relu2))}
@@ -874,9 +876,9 @@ def _pick_skinny(x, w, out_dtype, relu2, target: Optional[PeerSum]) -> Optional[
     name = product_name((x.shape[0], tuple(w.shape), w.dtype, out_dtype, relu2))
     skinny_timings[name + (" to peers" if target is not None else "")] = times
     best = min(configs, key=lambda c: times[str(c)])
-    if mode == "triton" or times[str(best)] < times["cublas"]:
-        return best
-    return None
+    if times[str(best)] == float("inf"):
+        return None, None
+    return (best if mode == "triton" or times[str(best)] < times["cublas"] else None), best
 
 
 def _cublas(x, w, out_dtype, relu2):
@@ -934,7 +936,7 @@ def _matmul_choice(x, w, out_dtype, relu2, target: Optional[PeerSum] = None) -> 
     if key not in _skinny_choice:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return None  # never time inside a capture (warm-up runs first)
-        _skinny_choice[key] = _pick_skinny(x, w, out_dtype, relu2, target)
+        _skinny_choice[key], _skinny_fastest[key] = _pick_skinny(x, w, out_dtype, relu2, target)
     assert x.stride(1) == 1 and w.stride(1) == 1
     return _skinny_choice[key]
 
@@ -955,6 +957,13 @@ def step_tunable_products(rows: int) -> List[Tuple[str, Optional[Tuple]]]:
     by name: the same names in the same order on every rank of a TP group (the keys differ only in the device)."""
     found = {product_name(k): v for k, v in _skinny_choice.items() if k[0] == rows and not k[6]}
     return sorted(found.items())
+
+
+def fastest_config(name: str, rows: int) -> Optional[Tuple]:
+    """The Triton config that was fastest for the product `name` of `rows` rows timed alone (None if none ran):
+    where cuBLAS won alone, the one the whole-step tuner tries instead."""
+    found = [v for k, v in _skinny_fastest.items() if k[0] == rows and not k[6] and product_name(k) == name]
+    return found[0] if found else None
 
 
 def set_product_choice(name: str, rows: int, cfg: Optional[Tuple]) -> None:
