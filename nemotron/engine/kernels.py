@@ -952,23 +952,28 @@ def choice_name(cfg: Optional[Tuple]) -> str:
     return "cublas" if cfg is None else str(cfg)
 
 
+def _tunable_keys(rows: int, name: Optional[str] = None) -> List[Tuple]:
+    """The choice keys of this process's products of `rows` rows not pushed to the peers (named `name`, if
+    given): what the whole-step tuner may move."""
+    return [k for k in _skinny_choice if k[0] == rows and not k[6] and name in (None, product_name(k))]
+
+
 def step_tunable_products(rows: int) -> List[Tuple[str, Optional[Tuple]]]:
-    """This process's products of `rows` rows that are not pushed to the peers, as (name, current choice), sorted
-    by name: the same names in the same order on every rank of a TP group (the keys differ only in the device)."""
-    found = {product_name(k): v for k, v in _skinny_choice.items() if k[0] == rows and not k[6]}
-    return sorted(found.items())
+    """This process's tunable products of `rows` rows as (name, current choice), sorted by name: the same names in
+    the same order on every rank of a TP group (the keys differ only in the device)."""
+    return sorted({product_name(k): _skinny_choice[k] for k in _tunable_keys(rows)}.items())
 
 
 def fastest_config(name: str, rows: int) -> Optional[Tuple]:
     """The Triton config that was fastest for the product `name` of `rows` rows timed alone (None if none ran):
     where cuBLAS won alone, the one the whole-step tuner tries instead."""
-    found = [v for k, v in _skinny_fastest.items() if k[0] == rows and not k[6] and product_name(k) == name]
-    return found[0] if found else None
+    keys = _tunable_keys(rows, name)
+    return _skinny_fastest.get(keys[0]) if keys else None
 
 
 def set_product_choice(name: str, rows: int, cfg: Optional[Tuple]) -> None:
     """Pin the product `name` of `rows` rows (not pushed) to `cfg` (None: cuBLAS) in this process."""
-    keys = [k for k in _skinny_choice if k[0] == rows and not k[6] and product_name(k) == name]
+    keys = _tunable_keys(rows, name)
     assert keys, f"no product {name} at {rows} rows"
     for k in keys:
         _skinny_choice[k] = cfg
